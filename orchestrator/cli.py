@@ -1,0 +1,279 @@
+"""The `orch` command. Thin: parse, call one function below, render.
+
+With --json a command prints exactly one JSON object on stdout; progress and logs go
+to stderr, always.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import ConfigError, Deadlines, Settings, check_provider, load_settings, parse_budget
+from .durations import DurationError, parse_duration
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rent a GPU, run Stable Diffusion on it, never pay for a minute you did not use.")
+err = Console(stderr=True)
+
+
+class Failure(Exception):
+    """An error to show the user: a message, exit code 1 (and {"error": ...} under --json)."""
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except (ConfigError, DurationError) as e:
+        raise Failure(str(e)) from None
+
+
+def _orch(settings: Settings | None = None):
+    from .lifecycle import Orchestrator
+
+    return Orchestrator(settings or _settings())
+
+
+def _emit(as_json: bool, data: dict[str, Any], human: str | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+    elif human is not None:
+        Console().print(human, highlight=False)
+
+
+def _progress(msg: str) -> None:
+    err.print(f"[dim]•[/dim] {msg}", highlight=False)
+
+
+def _run(as_json: bool, fn) -> Any:
+    """Call fn, turning known errors into one clear message (and a JSON error object)."""
+    from .lifecycle import LifecycleError
+    from .providers.base import ProviderError
+    from .ssh import SshError
+
+    try:
+        return fn()
+    except (Failure, LifecycleError, ProviderError, SshError, ConfigError, DurationError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        if as_json:
+            _emit(True, {"error": str(e)})
+        raise typer.Exit(1) from None
+
+
+def _duration(value: Optional[str], what: str, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return parse_duration(value, what=what)
+    except DurationError as e:
+        raise Failure(str(e)) from None
+
+
+@app.command()
+def up(
+    name: str = typer.Argument("default", help="Instance name."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="local, ssh, aws, runpod, vast, lambda, autodl"),
+    gpu: Optional[str] = typer.Option(None, "--gpu"),
+    region: Optional[str] = typer.Option(None, "--region"),
+    max_price: Optional[float] = typer.Option(None, "--max-price", help="USD per hour"),
+    model: list[str] = typer.Option([], "--model", help="Model to put on the instance (repeatable)."),
+    from_image: Optional[str] = typer.Option(None, "--from-image"),
+    idle: Optional[str] = typer.Option(None, "--idle", help="Stop after no request for this long (default 15m)."),
+    boot_timeout: Optional[str] = typer.Option(None, "--boot-timeout"),
+    max_lifetime: Optional[str] = typer.Option(None, "--max-lifetime"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="USD; stop when spent."),
+    heartbeat_timeout: Optional[str] = typer.Option(None, "--heartbeat-timeout"),
+    price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Price of a local instance, USD/h."),
+    port: Optional[int] = typer.Option(None, "--port", help="Local port for the URL (default 7860; another if taken)."),
+    detach: bool = typer.Option(False, "--detach", help="Leave a background tunnel and return."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Provision (or attach to) an instance, start the image server, open the tunnel, print the URL."""
+    from .lifecycle import UpOptions
+
+    def go():
+        settings = _settings()
+        if provider is not None:
+            try:
+                check_provider(provider)
+            except ConfigError as e:
+                raise Failure(str(e)) from None
+        if from_image:
+            raise Failure("--from-image: images are not available in this version yet")
+        if price_per_hour is not None and price_per_hour < 0:
+            raise Failure("--price-per-hour: must be 0 or more")
+        d = settings.deadlines
+        deadlines = Deadlines(
+            idle=_duration(idle, "--idle", d.idle),
+            boot_timeout=_duration(boot_timeout, "--boot-timeout", d.boot_timeout),
+            max_lifetime=_duration(max_lifetime, "--max-lifetime", d.max_lifetime),
+            heartbeat_timeout=_duration(heartbeat_timeout, "--heartbeat-timeout", d.heartbeat_timeout),
+            budget=parse_budget(budget, what="--budget") if budget is not None else d.budget,
+        )
+        opts = UpOptions(name=name, provider=provider, gpu=gpu, region=region, max_price=max_price,
+                         models=tuple(model) or settings.models, deadlines=deadlines, price_per_hour=price_per_hour,
+                         detach=detach, tunnel_port=port)
+        orch = _orch(settings)
+        return orch, orch.up(opts, progress=_progress)
+
+    orch, result = _run(as_json, go)
+    record = result.record
+    human = f"[green]{record.name}[/green] is up: [bold]{record.url}[/bold]  (token: orch status {record.name} --json)"
+    _emit(as_json, result.as_json(), human)
+    if result.tunnel is None:
+        if result.attached:
+            err.print(f"{record.name}: a tunnel is already open at {record.url}")
+        else:
+            err.print(f"tunnel runs in the background; `orch down {record.name}` stops the instance and the tunnel")
+        return
+    err.print(f"tunnel open; Ctrl-C closes it (the instance keeps running: `orch down {record.name}` stops it)")
+    try:
+        result.tunnel.wait()
+        if result.tunnel.closed_reason:
+            err.print(f"tunnel closed: {result.tunnel.closed_reason}")
+    except KeyboardInterrupt:
+        err.print(f"\ntunnel closed; {record.name} keeps running and billing: `orch down {record.name}` stops it")
+    finally:
+        result.tunnel.close()
+        orch.release_foreground_tunnel(record.name)
+
+
+@app.command()
+def down(
+    name: Optional[str] = typer.Argument(None),
+    terminate: bool = typer.Option(False, "--terminate", help="Remove the instance and its disk."),
+    save_image: Optional[str] = typer.Option(None, "--save-image"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Stop the instance (verified with the provider) and its tunnel."""
+
+    def go():
+        if save_image:
+            raise Failure("--save-image: images are not available in this version yet")
+        return _orch().down(name, terminate=terminate, progress=_progress)
+
+    result = _run(as_json, go)
+    _emit(as_json, result, f"{result['name']}: [bold]{result['status'].lower()}[/bold] (cost ${result.get('cost', 0):.4f})")
+
+
+@app.command()
+def status(name: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Status, uptime, URL, price and cost so far of each instance."""
+    rows = _run(as_json, lambda: _orch().status(name))
+    if as_json:
+        _emit(True, rows[0] if name else {"instances": rows})
+        return
+    _render_table(rows)
+
+
+@app.command("ls")
+def ls(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List instances."""
+    rows = _run(as_json, lambda: _orch().status(None))
+    if as_json:
+        _emit(True, {"instances": rows})
+        return
+    _render_table(rows)
+
+
+def _render_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        err.print("no instances; `orch up` creates one")
+        return
+    table = Table()
+    for col in ("name", "provider", "status", "uptime", "url", "$/h", "cost", "stop reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["provider"], r["status"], r["uptime"] or "-", r["url"] or "-",
+                      f"{r['price_per_hour']:.2f}", f"${r['cost']:.4f}", r["stop_reason"] or "")
+    Console().print(table)
+
+
+@app.command()
+def gen(
+    prompt: str = typer.Argument(...),
+    name: Optional[str] = typer.Option(None, "--name"),
+    n: int = typer.Option(1, "-n", help="Number of images."),
+    steps: int = typer.Option(20, "--steps"),
+    cfg: float = typer.Option(7.0, "--cfg"),
+    seed: int = typer.Option(-1, "--seed"),
+    sampler: str = typer.Option("Euler a", "--sampler"),
+    width: int = typer.Option(512, "--width"),
+    height: int = typer.Option(512, "--height"),
+    negative: str = typer.Option("", "--negative"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    out: Path = typer.Option(Path("outputs"), "-o", "--out", help="Directory for the PNGs."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Generate images through the instance's server; PNGs carry their parameters."""
+    payload: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg_scale": cfg, "seed": seed,
+                               "sampler_name": sampler, "width": width, "height": height, "batch_size": n, "n_iter": 1}
+    if model:
+        payload["override_settings"] = {"sd_model_checkpoint": model}
+    started = time.monotonic()
+    result = _run(as_json, lambda: _orch().gen(name, payload, out, progress=_progress))
+    data = {"images": result["images"], "seeds": result["seeds"], "seconds": round(time.monotonic() - started, 3)}
+    _emit(as_json, data, "\n".join(result["images"]))
+
+
+@app.command()
+def offers(
+    provider: Optional[str] = typer.Option(None, "--provider"),
+    gpu: Optional[str] = typer.Option(None, "--gpu"),
+    max_price: Optional[float] = typer.Option(None, "--max-price"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What a provider offers: GPU, region, price."""
+
+    def go():
+        settings = _settings()
+        name = check_provider(provider) if provider else settings.provider
+        return [o.__dict__ for o in _orch(settings).provider(name).offers(gpu=gpu, max_price=max_price)]
+
+    rows = _run(as_json, go)
+    if as_json:
+        _emit(True, {"offers": rows})
+        return
+    table = Table()
+    for col in ("provider", "gpu", "region", "$/h"):
+        table.add_column(col)
+    for o in rows:
+        table.add_row(o["provider"], o["gpu"], o["region"], f"{o['price_per_hour']:.3f}")
+    Console().print(table)
+
+
+@app.command("forget-host-key")
+def forget_host_key(name: str = typer.Argument(...)) -> None:
+    """Drop the pinned SSH host key of an instance (after it was really rebuilt)."""
+
+    def go():
+        orch = _orch()
+        if orch.state.get(name) is None:
+            raise Failure(f"no instance named {name!r}")
+        orch.state.update(name, host_key=None)
+
+    _run(False, go)
+    err.print(f"{name}: host key forgotten; the next connection pins the key it is offered")
+
+
+@app.command("tunnel-daemon", hidden=True)
+def tunnel_daemon(name: str = typer.Argument(...), port: Optional[int] = typer.Option(None, "--port")) -> None:
+    from .lifecycle import run_tunnel_daemon
+
+    _run(False, lambda: run_tunnel_daemon(_orch(), name, port))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

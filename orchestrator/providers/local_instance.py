@@ -1,0 +1,117 @@
+"""The local instance's SSH server: what makes a directory on this machine an instance.
+
+Run as `python -m orchestrator.providers.local_instance DIR`. It listens on 127.0.0.1 on a
+free port with the instance's own host key, accepts only the keys in DIR/authorized_keys,
+and offers exec (and a shell), local port forwarding to the instance's loopback, and SFTP
+rooted at the instance's disk. Every process it starts carries ORCH_LOCAL_INSTANCE in its
+environment, which is how `stop` finds all of an instance's processes, daemons included.
+No root and no system sshd are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import asyncssh
+
+MARKER_ENV = "ORCH_LOCAL_INSTANCE"
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+
+
+def instance_environment(instance_dir: Path) -> dict[str, str]:
+    """The environment every process of the instance starts with."""
+    meta = json.loads((instance_dir / "meta.json").read_text())
+    disk = instance_dir / "disk"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # The instance is its own machine: it does not see the laptop's orch settings.
+        if not k.startswith("ORCH_") and k not in ("HOME", "PWD", "OLDPWD", "VIRTUAL_ENV_PROMPT")
+    }
+    # The local provider shares the laptop's installation of orch: the instance's
+    # interpreter imports `remote` from the same place.
+    code_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH", "")) if p)
+    env.update(
+        HOME=str(disk),
+        USER=env.get("USER", "orch"),
+        ORCH_INSTANCE_ID=meta["instance_id"],
+        ORCH_INSTANCE_NAME=meta["name"],
+        ORCH_LOCAL_INSTANCE_DIR=str(instance_dir),
+        ORCH_PYTHON=meta.get("python") or sys.executable,
+        ORCH_PRICE_PER_HOUR=str(meta.get("price_per_hour", 0.0)),
+        ORCH_CREATED_AT=str(meta.get("created_at", 0.0)),
+    )
+    env[MARKER_ENV] = meta["instance_id"]
+    return env
+
+
+class _Server(asyncssh.SSHServer):
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        # Only the instance's own loopback is reachable through it, like `PermitOpen localhost:*`.
+        return dest_host in LOOPBACK_NAMES
+
+
+async def _serve(instance_dir: Path) -> None:
+    disk = instance_dir / "disk"
+    env = instance_environment(instance_dir)
+
+    async def handle_process(process: asyncssh.SSHServerProcess) -> None:
+        command = process.command
+        argv = ["/bin/sh", "-c", command] if command else ["/bin/sh", "-i"]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=disk,
+                env=env,
+            )
+        except OSError as e:
+            process.stderr.write(f"cannot run command: {e}\n")
+            process.exit(127)
+            return
+        await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
+        code = await proc.wait()
+        process.exit(code if code >= 0 else 128 - code)
+
+    server = await asyncssh.create_server(
+        _Server,
+        "127.0.0.1",
+        0,
+        server_host_keys=[str(instance_dir / "host_key")],
+        authorized_client_keys=str(instance_dir / "authorized_keys"),
+        process_factory=handle_process,
+        encoding=None,
+        sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(disk).encode()),
+        allow_scp=True,
+        keepalive_interval=15,
+        password_auth=False,
+        kbdint_auth=False,
+    )
+    port = server.sockets[0].getsockname()[1]
+    tmp = instance_dir / "sshd.json.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port}))
+    os.replace(tmp, instance_dir / "sshd.json")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    instance_dir = Path(sys.argv[1]).resolve()
+    asyncio.run(_serve(instance_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""orch's control program on the instance: `python -m remote.ctl --home DIR COMMAND`.
+
+The laptop drives the instance through these few commands over SSH, so that process
+management happens where the processes live. Standard library only: it runs before
+anything is installed, and must never import laptop-side modules.
+Each command prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SERVER_DEPS = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "PIL", "safetensors")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def spawn_detached(argv: list[str], log_path: Path, cwd: Path) -> int:
+    """Start argv in its own session, immune to the SSH channel closing; return its pid."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc.pid
+
+
+def server_info(home: Path) -> dict:
+    info = _read_json(home / "server.json") or {}
+    pid = info.get("pid")
+    alive = bool(pid) and _pid_alive(pid)
+    result: dict = {"alive": alive, "pid": pid if alive else None, "port": info.get("port") if alive else None, "health": None}
+    if alive and info.get("port"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as r:
+                result["health"] = json.loads(r.read())
+        except (urllib.error.URLError, OSError, json.JSONDecodeError):
+            result["health"] = None
+    return result
+
+
+def cmd_check_deps(home: Path, args) -> dict:
+    missing = [m for m in SERVER_DEPS if importlib.util.find_spec(m) is None]
+    return {"python": sys.executable, "version": sys.version.split()[0], "missing": missing}
+
+
+def cmd_start_server(home: Path, args) -> dict:
+    current = server_info(home)
+    if current["alive"]:
+        return {**current, "started": False}
+    (home / "server.json").unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "remote.server", "--home", str(home)]
+    if args.device:
+        argv += ["--device", args.device]
+    pid = spawn_detached(argv, home / "logs" / "server.log", home)
+    (home / "server.pid").write_text(str(pid))
+    return {"started": True, "pid": pid}
+
+
+def cmd_wait_server(home: Path, args) -> dict:
+    """Until the model is loaded; fails with the server log's tail when it dies or errs."""
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        info = server_info(home)
+        pid_file = home / "server.pid"
+        if not info["alive"] and pid_file.exists() and not _pid_alive(int(pid_file.read_text() or 0)):
+            return _fail(home, "the server exited during start")
+        health = info.get("health") or {}
+        if health.get("status") == "ready":
+            return info
+        if health.get("status") == "error":
+            return _fail(home, f"the server could not load a model: {health.get('error')}")
+        time.sleep(0.2)
+    return _fail(home, f"the server was not ready within {args.timeout:.0f}s")
+
+
+def _fail(home: Path, message: str) -> dict:
+    log = home / "logs" / "server.log"
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    print(json.dumps({"error": message, "log_tail": tail}))
+    sys.exit(1)
+
+
+def cmd_stop_server(home: Path, args) -> dict:
+    info = _read_json(home / "server.json") or {}
+    pids = {p for p in (info.get("pid"), _int((home / "server.pid").read_text()) if (home / "server.pid").exists() else None) if p}
+    stopped = []
+    for pid in pids:
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+            stopped.append(pid)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in stopped):
+        time.sleep(0.1)
+    for pid in stopped:
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    (home / "server.json").unlink(missing_ok=True)
+    return {"stopped": stopped}
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def cmd_heartbeat(home: Path, args) -> dict:
+    beats = home / "heartbeats"
+    beats.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    tmp = beats / f".{args.client}.tmp"
+    tmp.write_text(str(now))
+    tmp.replace(beats / args.client)
+    return {"client": args.client, "at": now}
+
+
+def cmd_server_info(home: Path, args) -> dict:
+    return server_info(home)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m remote.ctl")
+    parser.add_argument("--home", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check-deps")
+    p = sub.add_parser("start-server")
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("wait-server")
+    p.add_argument("--timeout", type=float, default=600)
+    sub.add_parser("stop-server")
+    sub.add_parser("server-info")
+    p = sub.add_parser("heartbeat")
+    p.add_argument("client")
+    args = parser.parse_args(argv)
+    home = Path(os.path.expanduser(args.home))
+    home.mkdir(parents=True, exist_ok=True)
+    handler = globals()["cmd_" + args.command.replace("-", "_")]
+    print(json.dumps(handler(home, args)))
+
+
+if __name__ == "__main__":
+    main()

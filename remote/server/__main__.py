@@ -1,0 +1,49 @@
+"""Run the image server: `python -m remote.server --home DIR [--port 0]`.
+
+Binds 127.0.0.1 only (never a public address: the laptop reaches it through the SSH
+tunnel), writes the chosen port to HOME/server.json, then serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m remote.server")
+    parser.add_argument("--home", required=True, help="orch's directory on the instance (token, models, state)")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
+    parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda where present")
+    args = parser.parse_args()
+
+    home = Path(os.path.expanduser(args.home))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = (home / "token").read_text().strip()
+    if not token:
+        raise SystemExit(f"{home / 'token'} is empty")
+
+    import uvicorn
+
+    from .app import ServerConfig, create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    port = sock.getsockname()[1]
+    info = home / "server.json"
+    tmp = info.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": port}))
+    tmp.replace(info)
+
+    app = create_app(ServerConfig(token=token, models_dir=home / "models", state_dir=home, device=args.device))
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
