@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -96,7 +97,9 @@ class State:
         self.path = path or orch_home() / "state.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # Shared by the tunnel's threads: one connection, used under one lock.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         if new:
             # Tokens live here: readable by the user alone.
@@ -110,13 +113,22 @@ class State:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _execute(self, sql: str, args: tuple = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
 
     # -- instances ---------------------------------------------------------------------
 
@@ -126,11 +138,11 @@ class State:
         return InstanceRecord(**{k: data[k] for k in _COLUMNS})
 
     def get(self, name: str) -> InstanceRecord | None:
-        row = self._db.execute("SELECT * FROM instances WHERE name = ?", (name,)).fetchone()
-        return self._row_to_record(row) if row else None
+        rows = self._query("SELECT * FROM instances WHERE name = ?", (name,))
+        return self._row_to_record(rows[0]) if rows else None
 
     def all(self) -> list[InstanceRecord]:
-        rows = self._db.execute("SELECT * FROM instances ORDER BY created_at").fetchall()
+        rows = self._query("SELECT * FROM instances ORDER BY created_at")
         return [self._row_to_record(r) for r in rows]
 
     def insert(self, record: InstanceRecord, detail: str = "") -> None:
@@ -182,22 +194,22 @@ class State:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         if name:
-            rows = self._db.execute("SELECT * FROM events WHERE name = ? ORDER BY id", (name,)).fetchall()
+            rows = self._query("SELECT * FROM events WHERE name = ? ORDER BY id", (name,))
         else:
-            rows = self._db.execute("SELECT * FROM events ORDER BY id").fetchall()
+            rows = self._query("SELECT * FROM events ORDER BY id")
         return [dict(r) for r in rows]
 
     # -- hash cache (storage sync) -----------------------------------------------------
 
     def cached_hash(self, st: os.stat_result) -> str | None:
-        row = self._db.execute(
+        rows = self._query(
             "SELECT blake3 FROM hash_cache WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?",
             (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
-        ).fetchone()
-        return row["blake3"] if row else None
+        )
+        return rows[0]["blake3"] if rows else None
 
     def store_hash(self, st: os.stat_result, digest: str) -> None:
-        self._db.execute(
+        self._execute(
             "INSERT OR REPLACE INTO hash_cache (dev, ino, size, mtime_ns, blake3) VALUES (?, ?, ?, ?, ?)",
             (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest),
         )
@@ -205,14 +217,14 @@ class State:
     # -- resumable multipart uploads ---------------------------------------------------
 
     def get_upload(self, store: str, key: str) -> tuple[str, int] | None:
-        row = self._db.execute("SELECT upload_id, part_size FROM uploads WHERE store = ? AND key = ?", (store, key)).fetchone()
-        return (row["upload_id"], row["part_size"]) if row else None
+        rows = self._query("SELECT upload_id, part_size FROM uploads WHERE store = ? AND key = ?", (store, key))
+        return (rows[0]["upload_id"], rows[0]["part_size"]) if rows else None
 
     def put_upload(self, store: str, key: str, upload_id: str, part_size: int) -> None:
-        self._db.execute(
+        self._execute(
             "INSERT OR REPLACE INTO uploads (store, key, upload_id, part_size, created_at) VALUES (?, ?, ?, ?, ?)",
             (store, key, upload_id, part_size, time.time()),
         )
 
     def drop_upload(self, store: str, key: str) -> None:
-        self._db.execute("DELETE FROM uploads WHERE store = ? AND key = ?", (store, key))
+        self._execute("DELETE FROM uploads WHERE store = ? AND key = ?", (store, key))

@@ -142,15 +142,16 @@ class Tunnel:
         _pump(client, chan, self._stop)
 
     def _supervise(self) -> None:
-        last_beat = 0.0
+        last_beat: float | None = None
         backoff = 1.0
-        while not self._stop.wait(1.0):
+        while not self._stop.is_set():
             try:
                 session = self._current_session()
                 backoff = 1.0
-                if self._heartbeat and time.monotonic() - last_beat >= self._heartbeat_interval:
+                if self._heartbeat and (last_beat is None or time.monotonic() - last_beat >= self._heartbeat_interval):
                     self._heartbeat(session)
                     last_beat = time.monotonic()
+                self._stop.wait(1.0)
             except Exception as e:
                 reason = self._should_give_up() if self._should_give_up else None
                 if reason:

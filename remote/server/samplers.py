@@ -32,7 +32,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, ("k_dpmpp_2m_sde",)),
     SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, ("k_euler_a", "Euler Ancestral")),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, ("k_euler",)),
-    SamplerSpec("LMS", "LMSDiscreteScheduler", {}, ("k_lms",)),
+    SamplerSpec("LMS", "LMSDiscreteScheduler", {}, ("k_lms",), needs="scipy"),
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, ("k_heun",)),
     SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, ("k_dpm_2",)),
     SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, ("k_dpm_2_a",)),

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def orch_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "orch-home"
+    home.mkdir()
+    monkeypatch.setenv("ORCH_HOME", str(home))
+    monkeypatch.delenv("ORCH_CONFIG", raising=False)
+    yield home
+    # Whatever a test left running on the embedded default is stopped here.
+    _stop_everything(home)
+
+
+def _stop_everything(home: Path) -> None:
+    from orchestrator.providers.local import end_processes, instance_processes
+
+    local = home / "local"
+    if local.exists():
+        for d in local.iterdir():
+            end_processes(instance_processes(d.name), grace_s=5)
+    import psutil
+
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("ORCH_HOME") == str(home) and "tunnel-daemon" in " ".join(p.cmdline()):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+
+
+class OrchResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    @property
+    def json(self):
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected exactly one JSON line on stdout, got: {self.stdout!r}\nstderr: {self.stderr}"
+        return json.loads(lines[0])
+
+
+@pytest.fixture
+def orch(orch_home, tmp_path):
+    """Run the real `orch` CLI in a subprocess, with this test's ORCH_HOME."""
+
+    def run(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None) -> OrchResult:
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or tmp_path,
+            env={**os.environ, "ORCH_HOME": str(orch_home)},
+        )
+        result = OrchResult(proc)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"orch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return result
+
+    return run

@@ -1,0 +1,166 @@
+"""The image server in-process (real FastAPI app, real diffusers demo pipeline on CPU)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from remote.server.app import ServerConfig, create_app
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    home = tmp_path_factory.mktemp("instance")
+    app = create_app(ServerConfig(token=TOKEN, models_dir=home / "models", state_dir=home / ".orch", device="cpu"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for _ in range(600):
+            if c.get("/healthz").json()["status"] != "loading":
+                break
+            import time
+
+            time.sleep(0.1)
+        assert c.get("/healthz").json()["status"] == "ready"
+        c.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield c
+
+
+def small(**kw):
+    return {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, **kw}
+
+
+def test_healthz_reports_the_demo_model(client):
+    h = client.get("/healthz").json()
+    assert h["model"] == "orch-demo-tiny-sd15" and h["demo"] is True and h["device"] == "cpu"
+
+
+def test_token_required_bearer_or_basic(client):
+    no_auth = client.post("/sdapi/v1/txt2img", json=small(), headers={"Authorization": ""})
+    assert no_auth.status_code == 401 and "token" in no_auth.json()["detail"]
+    wrong = client.post("/sdapi/v1/txt2img", json=small(), headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    basic = base64.b64encode(f"orch:{TOKEN}".encode()).decode()
+    assert client.get("/sdapi/v1/sd-models", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    bad_user = base64.b64encode(f"admin:{TOKEN}".encode()).decode()
+    assert client.get("/sdapi/v1/sd-models", headers={"Authorization": f"Basic {bad_user}"}).status_code == 401
+
+
+def test_txt2img_answers_in_a1111_shape(client):
+    r = client.post("/sdapi/v1/txt2img", json=small(seed=77, batch_size=2, n_iter=2, negative_prompt="ugly", cfg_scale=5.5))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert set(data) == {"images", "parameters", "info"}
+    info = json.loads(data["info"])
+    assert info["seed"] == 77 and info["all_seeds"] == [77, 78, 79, 80]
+    assert len(data["images"]) == 4 and len(info["infotexts"]) == 4
+    assert data["parameters"]["cfg_scale"] == 5.5 and data["parameters"]["prompt"] == "a cat"
+    for b64, text, seed in zip(data["images"], info["infotexts"], info["all_seeds"]):
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))  # bare base64, no data: prefix
+        assert img.size == (64, 64)
+        assert img.info["parameters"] == text
+        assert text.startswith("a cat\nNegative prompt: ugly\nSteps: 2, Sampler: Euler, ")
+        assert f"CFG scale: 5.5, Seed: {seed}, Size: 64x64" in text
+
+
+def test_same_seed_same_image_and_random_seed(client):
+    a = client.post("/sdapi/v1/txt2img", json=small(seed=5)).json()
+    b = client.post("/sdapi/v1/txt2img", json=small(seed=5)).json()
+    c = client.post("/sdapi/v1/txt2img", json=small(seed=6)).json()
+    assert a["images"][0] == b["images"][0]
+    assert a["images"][0] != c["images"][0]
+    r1 = json.loads(client.post("/sdapi/v1/txt2img", json=small(seed=-1)).json()["info"])["seed"]
+    r2 = json.loads(client.post("/sdapi/v1/txt2img", json=small(seed=-1)).json()["info"])["seed"]
+    assert r1 != r2 and 0 <= r1 < 2**32
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (small(width=500), "width"),
+        (small(height=30), "height"),
+        (small(steps=0), "steps"),
+        (small(steps=1000), "steps"),
+        (small(cfg_scale=-1), "cfg_scale"),
+        (small(batch_size=0), "batch_size"),
+        (small(width=4096), "width"),
+        (small(sampler_name="Nope"), "sampler_name"),
+        (small(override_settings={"sd_model_checkpoint": "missing-model"}), "sd_model_checkpoint"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(client, body, field):
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["detail"]
+
+
+def test_multiple_of_8_error_suggests_sizes(client):
+    detail = client.post("/sdapi/v1/txt2img", json=small(width=500)).json()["detail"]
+    assert "multiple of 8" in detail and "496" in detail and "504" in detail
+
+
+def test_unknown_sampler_lists_valid_ones(client):
+    detail = client.post("/sdapi/v1/txt2img", json=small(sampler_name="Foo")).json()["detail"]
+    assert "Euler a" in detail and "DPM++ 2M" in detail
+
+
+def test_malformed_json_is_a_422(client):
+    r = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert "JSON" in r.json()["detail"]
+
+
+def test_a1111_sampler_names_work(client):
+    for name in ("Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "Heun", "LMS"):
+        r = client.post("/sdapi/v1/txt2img", json=small(sampler_name=name))
+        assert r.status_code == 200, (name, r.text)
+        info = json.loads(r.json()["info"])
+        assert info["sampler_name"] == name.replace(" Karras", "")
+
+
+def test_an_exception_in_one_request_leaves_the_server_serving(client, monkeypatch):
+    models = client.app.state.models
+    real = models.generate
+    calls = {"n": 0}
+
+    def boom(req, model=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("synthetic failure")
+        return real(req, model)
+
+    monkeypatch.setattr(models, "generate", boom)
+    first = client.post("/sdapi/v1/txt2img", json=small())
+    assert first.status_code == 500 and "synthetic failure" in first.json()["detail"]
+    second = client.post("/sdapi/v1/txt2img", json=small())
+    assert second.status_code == 200
+
+
+def test_out_of_memory_is_a_503_with_advice(client, monkeypatch):
+    models = client.app.state.models
+
+    def oom(req, model=None):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(models, "generate", oom)
+    r = client.post("/sdapi/v1/txt2img", json=small())
+    assert r.status_code == 503 and "width/height" in r.json()["detail"]
+
+
+def test_sd_models_lists_the_demo_model(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["orch-demo-tiny-sd15"]
+    assert models[0]["title"].startswith("orch-demo-tiny-sd15 [")
+
+
+def test_requests_are_recorded_for_the_agent(client):
+    path = client.app.state.models.models_dir.parent / ".orch" / "activity.json"
+    before = json.loads(path.read_text())["requests"] if path.exists() else 0
+    client.post("/sdapi/v1/txt2img", json=small())
+    after = json.loads(path.read_text())
+    assert after["requests"] == before + 1 and after["in_flight"] == 0
