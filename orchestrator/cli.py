@@ -134,13 +134,15 @@ def up(
         else:
             err.print(f"tunnel runs in the background; `orch down {record.name}` stops the instance and the tunnel")
         return
-    err.print(f"tunnel open; Ctrl-C closes it (the instance keeps running: `orch down {record.name}` stops it)")
+    err.print(f"tunnel open; Ctrl-C closes it (the instance keeps running: `orch down {record.name}` stops it; "
+              f"with no orch attached its agent stops it after the heartbeat timeout)")
     try:
         result.tunnel.wait()
         if result.tunnel.closed_reason:
             err.print(f"tunnel closed: {result.tunnel.closed_reason}")
     except KeyboardInterrupt:
-        err.print(f"\ntunnel closed; {record.name} keeps running and billing: `orch down {record.name}` stops it")
+        err.print(f"\ntunnel closed; {record.name} keeps running and billing until `orch down {record.name}`, "
+                  f"or until its agent sees no orch attached for the heartbeat timeout")
     finally:
         result.tunnel.close()
         orch.release_foreground_tunnel(record.name)
@@ -167,7 +169,12 @@ def down(
 @app.command()
 def status(name: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
     """Status, uptime, URL, price and cost so far of each instance."""
-    rows = _run(as_json, lambda: _orch().status(name))
+    def go():
+        orch = _orch()
+        _warn_strays(orch)
+        return orch.status(name)
+
+    rows = _run(as_json, go)
     if as_json:
         _emit(True, rows[0] if name else {"instances": rows})
         return
@@ -189,11 +196,12 @@ def _render_table(rows: list[dict[str, Any]]) -> None:
         err.print("no instances; `orch up` creates one")
         return
     table = Table()
-    for col in ("name", "provider", "status", "uptime", "url", "$/h", "cost", "stop reason"):
+    for col in ("name", "provider", "status", "uptime", "url", "$/h", "cost", "time left / stop reason"):
         table.add_column(col)
     for r in rows:
+        left = ", ".join(f"{k} {v}" for k, v in (r.get("deadlines") or {}).items())
         table.add_row(r["name"], r["provider"], r["status"], r["uptime"] or "-", r["url"] or "-",
-                      f"{r['price_per_hour']:.2f}", f"${r['cost']:.4f}", r["stop_reason"] or "")
+                      f"{r['price_per_hour']:.2f}", f"${r['cost']:.4f}", left or (f"stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
     Console().print(table)
 
 
@@ -248,6 +256,69 @@ def offers(
     for o in rows:
         table.add_row(o["provider"], o["gpu"], o["region"], f"{o['price_per_hour']:.3f}")
     Console().print(table)
+
+
+@app.command()
+def extend(
+    name: Optional[str] = typer.Argument(None),
+    idle: Optional[str] = typer.Option(None, "--idle"),
+    max_lifetime: Optional[str] = typer.Option(None, "--max-lifetime"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="USD"),
+    heartbeat_timeout: Optional[str] = typer.Option(None, "--heartbeat-timeout"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Change the auto-shutdown deadlines of a running instance."""
+
+    def go():
+        changes: dict[str, float] = {}
+        for key, value, flag in (("idle", idle, "--idle"), ("max_lifetime", max_lifetime, "--max-lifetime"),
+                                 ("heartbeat_timeout", heartbeat_timeout, "--heartbeat-timeout")):
+            if value is not None:
+                changes[key] = _duration(value, flag, 0)
+        if budget is not None:
+            changes["budget"] = parse_budget(budget, what="--budget")
+        if not changes:
+            raise Failure("nothing to change: give --idle, --max-lifetime, --heartbeat-timeout or --budget")
+        return _orch().extend(name, changes)
+
+    result = _run(as_json, go)
+    _emit(as_json, result, f"{result['name']}: time left " + ", ".join(f"{k} {v}" for k, v in _fmt_left(result["left"]).items()))
+
+
+def _fmt_left(left: dict[str, float]) -> dict[str, str]:
+    from .durations import format_duration
+
+    return {k: (f"${v:.2f}" if k == "budget_usd" else format_duration(max(0, v))) for k, v in left.items()}
+
+
+@app.command()
+def gc(yes: bool = typer.Option(False, "--yes", help="Stop them without asking."), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Find instances that may bill without orch knowing (untracked, or past max_lifetime) and stop them."""
+
+    def go():
+        orch = _orch()
+        strays = orch.strays()
+        if not strays:
+            return {"strays": [], "stopped": []}
+        for s in strays:
+            err.print(f"[yellow]{s['provider']}:{s['instance_id']}[/yellow] ({s['name']}): {s['reason']}")
+        if not yes:
+            if as_json or not sys.stdin.isatty() or not typer.confirm("stop them?"):
+                return {"strays": strays, "stopped": []}
+        return {"strays": strays, "stopped": orch.gc(strays, progress=_progress)}
+
+    result = _run(as_json, go)
+    _emit(as_json, result, f"{len(result['strays'])} stray instance(s), {len(result['stopped'])} stopped")
+
+
+def _warn_strays(orch) -> None:
+    """Reconciliation on every command: say so when something may bill unseen."""
+    try:
+        strays = orch.strays()
+    except Exception:
+        return
+    for s in strays:
+        err.print(f"[yellow]warning:[/yellow] {s['provider']}:{s['instance_id']} ({s['name']}) {s['reason']}; `orch gc` stops it")
 
 
 @app.command("forget-host-key")

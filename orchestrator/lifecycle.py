@@ -172,25 +172,26 @@ class Orchestrator:
         pinned = current.host_key if current else None
         return wait_for_ssh(endpoint, key, pinned, pin, timeout=timeout, what=record.name)
 
-    def _runtime(self, record: InstanceRecord, instance: Instance) -> RemoteRuntime:
-        runtime = self.provider(record.provider).runtime(instance)
+    def _runtime(self, record: InstanceRecord) -> RemoteRuntime:
+        runtime = self.provider(record.provider).runtime(record.name)
         python = record.settings.get("remote_python")
         if python:
             runtime = RemoteRuntime(python=python, code_on_path=runtime.code_on_path, home=runtime.home, env=runtime.env)
         return runtime
 
     @staticmethod
-    def _ctl(runtime: RemoteRuntime, *args: str) -> str:
+    def _ctl(runtime: RemoteRuntime, *args: str, module: str = "remote.ctl") -> str:
         env = dict(runtime.env)
         if not runtime.code_on_path:
             env["PYTHONPATH"] = f"{runtime.home}/app"
         exports = " ".join(f"{k}={_sh_value(v)}" for k, v in env.items())
         argv = " ".join(shlex.quote(a) for a in args)
-        return f"{exports} {shlex.quote(runtime.python)} -m remote.ctl --home {shlex.quote(runtime.home)} {argv}".strip()
+        return f"{exports} {shlex.quote(runtime.python)} -m {module} --home {shlex.quote(runtime.home)} {argv}".strip()
 
-    def _ctl_json(self, session: SshSession, runtime: RemoteRuntime, *args: str, timeout: float = 120) -> dict[str, Any]:
+    def _ctl_json(self, session: SshSession, runtime: RemoteRuntime, *args: str, timeout: float = 120,
+                  module: str = "remote.ctl") -> dict[str, Any]:
         try:
-            out = session.run(self._ctl(runtime, *args), timeout=timeout).stdout
+            out = session.run(self._ctl(runtime, *args, module=module), timeout=timeout).stdout
         except RemoteCommandFailed as e:
             detail = e.result.stdout.strip().splitlines()[-1] if e.result.stdout.strip() else ""
             try:
@@ -224,7 +225,7 @@ class Orchestrator:
             elif live.status == InstanceStatus.RUNNING and record.state == RUNNING:
                 return self._attach(record, opts, progress, phases)
             else:
-                record = self._restart(record, live, progress, phases)
+                record = self._restart(record, live, opts.deadlines, progress, phases)
         if record is None:
             record = self._create(opts, progress, phases)
         return self._bring_up(record, opts, progress, phases)
@@ -249,8 +250,10 @@ class Orchestrator:
             if opts.price_per_hour is not None:
                 offer = offer.__class__(**{**offer.__dict__, "price_per_hour": opts.price_per_hour})
             progress(f"{opts.name}: creating on {provider_name} ({offer.gpu}, {offer.region}, ${offer.price_per_hour:.2f}/h)")
+            agent_config = self._agent_config(provider, opts.name, offer.price_per_hour, opts.deadlines, now)
             spec = InstanceSpec(name=opts.name, offer=offer, ssh_public_key=public_key_line(key),
-                                tags={"orch": "1", "orch-name": opts.name})
+                                tags={"orch": "1", "orch-name": opts.name},
+                                startup_script=self._startup_script(provider.runtime(opts.name), agent_config))
             try:
                 instance = provider.create(spec)
             except InsufficientCapacity as e:
@@ -267,12 +270,14 @@ class Orchestrator:
         self._move(opts.name, FAILED, f"no capacity: {last_error}")
         raise LifecycleError(f"no offer on {provider_name} had capacity (last: {last_error}); try another --gpu or --region")
 
-    def _restart(self, record: InstanceRecord, live: Instance, progress: Progress, phases: dict[str, float]) -> InstanceRecord:
+    def _restart(self, record: InstanceRecord, live: Instance, deadlines: Deadlines, progress: Progress,
+                 phases: dict[str, float]) -> InstanceRecord:
         provider = self.provider(record.provider)
         t0 = time.monotonic()
         if record.state not in (STOPPED, FAILED):
             self._move(record.name, STOPPED if live.status == InstanceStatus.STOPPED else FAILED, f"found {live.status.value}")
-        self._move(record.name, PROVISIONING, "up: start")
+        self._move(record.name, PROVISIONING, "up: start",
+                   settings={**record.settings, "deadlines": _deadlines_json(deadlines)})
         if live.status != InstanceStatus.RUNNING:
             progress(f"{record.name}: starting instance {record.instance_id}")
             provider.start(record.instance_id)
@@ -288,12 +293,15 @@ class Orchestrator:
             progress(f"{name}: waiting for SSH")
             session = self.connect(record)
             phases["ssh"] = time.monotonic() - t0
+            heartbeats: _Heartbeats | None = None
             try:
                 t0 = time.monotonic()
                 self._move(name, BOOTSTRAPPING)
                 record = self.state.get(name)  # type: ignore[assignment]
-                instance = provider.get(record.instance_id)
-                runtime = self._bootstrap(session, record, instance, progress)
+                runtime = self._bootstrap(session, record, progress)
+                # From here the agent is armed: keep telling it a laptop is attached while the slow part runs.
+                heartbeats = _Heartbeats(session, self._ctl(runtime, "heartbeat", f"up-{os.getpid()}"),
+                                         _heartbeat_interval(record)).start()
                 phases["bootstrap"] = time.monotonic() - t0
 
                 t0 = time.monotonic()
@@ -304,10 +312,13 @@ class Orchestrator:
                 health = info.get("health") or {}
                 if health.get("demo"):
                     progress(f"{name}: no model configured: serving the demo model {health.get('model')} (tiny random weights; its images are noise)")
+                self._ctl_json(session, runtime, "boot-done", module="remote.agent")
                 phases["server"] = time.monotonic() - t0
                 record = self._move(name, RUNNING, f"server on port {info['port']}", server_port=info["port"], started_at=time.time(),
                                     stop_reason=None)
             finally:
+                if heartbeats:
+                    heartbeats.stop()
                 session.close()
         except BaseException as e:
             self._fail_and_stop(name, e, progress)
@@ -332,8 +343,8 @@ class Orchestrator:
         except Exception as stop_error:  # report both; the reconciler will find it again
             progress(f"{name}: could not stop the instance after the failure: {stop_error}")
 
-    def _bootstrap(self, session: SshSession, record: InstanceRecord, instance: Instance, progress: Progress) -> RemoteRuntime:
-        runtime = self._runtime(record, instance)
+    def _bootstrap(self, session: SshSession, record: InstanceRecord, progress: Progress) -> RemoteRuntime:
+        runtime = self._runtime(record)
         if not runtime.code_on_path:
             progress(f"{record.name}: uploading orch's instance code")
             bundle, version = _remote_code_bundle()
@@ -341,6 +352,11 @@ class Orchestrator:
             check = session.run(f"cat {_rp(app)}/.version 2>/dev/null || true").stdout.strip()
             if check != version:
                 session.run(f"sh -c {shlex.quote(f'rm -rf {_rp(app)} && mkdir -p {_rp(app)} && tar -xzf - -C {_rp(app)} && echo {version} > {_rp(app)}/.version')}", stdin=bundle)
+        # Armed before anything slow. Where the startup script already armed it, this keeps its clocks.
+        provider = self.provider(record.provider)
+        config = self._agent_config(provider, record.name, record.price_per_hour, _deadlines_from(record.settings),
+                                    record.created_at)
+        self._ctl_json(session, runtime, "arm", "--config-b64", _b64json(config), module="remote.agent")
         deps = self._ctl_json(session, runtime, "check-deps")
         if deps["missing"]:
             progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(deps['missing'])})")
@@ -366,6 +382,57 @@ class Orchestrator:
             raise LifecycleError(f"after installing, the instance still lacks: {', '.join(missing)}")
         return runtime
 
+    # -- the agent ---------------------------------------------------------------------
+
+    @staticmethod
+    def _agent_config(provider: Provider, name: str, price_per_hour: float, deadlines: Deadlines, created_at: float) -> dict[str, Any]:
+        return {**_deadlines_json(deadlines), "price_per_hour": price_per_hour, "created_at": created_at,
+                "stop_command": provider.self_stop_command(name)}
+
+    @staticmethod
+    def _startup_script(runtime: RemoteRuntime, agent_config: dict[str, Any]) -> str:
+        """What the instance runs at boot, before anything slow: arm the agent."""
+        home = _rp(runtime.home)
+        pythonpath = "" if runtime.code_on_path else f'export PYTHONPATH={home}/app"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        return (
+            "#!/bin/sh\n"
+            "# orch: arm the auto-shutdown agent first\n"
+            f"mkdir -p {home}\n"
+            f"{pythonpath}"
+            f'PY="${{ORCH_PYTHON:-{runtime.python}}}"\n'
+            f'if "$PY" -c "import remote.agent" 2>/dev/null; then\n'
+            f'  "$PY" -m remote.agent --home {home} arm --config-b64 {_b64json(agent_config)} >> {home}/agent-arm.log 2>&1\n'
+            "fi\n"
+        )
+
+    def extend(self, name: str | None, changes: dict[str, float]) -> dict[str, Any]:
+        """Change deadlines of a running instance (its agent picks them up within a tick)."""
+        record = self._resolve(name, want_running=True)
+        if record.state != RUNNING:
+            raise NotRunning(f"instance {record.name} is {record.state.lower()}; `orch up {record.name} --idle ...` sets deadlines at start")
+        session = self.connect(record, timeout=30)
+        try:
+            result = self._ctl_json(session, self._runtime(record), "set", *[f"{k}={v}" for k, v in changes.items()],
+                                    module="remote.agent")
+        finally:
+            session.close()
+        deadlines = {**record.settings.get("deadlines", {}), **changes}
+        self.state.update(record.name, settings={**record.settings, "deadlines": deadlines})
+        return {"name": record.name, "deadlines": deadlines, "left": result.get("left", {})}
+
+    def agent_status(self, record: InstanceRecord, timeout: float = 10) -> dict[str, Any] | None:
+        """The agent's view of a running instance: time left before each deadline."""
+        try:
+            session = self.connect(record, timeout=timeout)
+        except Exception:
+            return None
+        try:
+            return self._ctl_json(session, self._runtime(record), "status", module="remote.agent", timeout=timeout)
+        except Exception:
+            return None
+        finally:
+            session.close()
+
     # -- tunnel ------------------------------------------------------------------------
 
     def tunnel_alive(self, record: InstanceRecord) -> bool:
@@ -389,8 +456,7 @@ class Orchestrator:
             return self.connect(current, timeout=20)
 
         def heartbeat(session: SshSession) -> None:
-            instance = provider.get(record.instance_id)
-            session.run(self._ctl(self._runtime(record, instance), "heartbeat", client_id), timeout=30)
+            session.run(self._ctl(self._runtime(record), "heartbeat", client_id), timeout=30)
 
         def should_give_up() -> str | None:
             try:
@@ -404,7 +470,8 @@ class Orchestrator:
             return None
 
         assert record.server_port
-        return Tunnel(connect, record.server_port, local_port, heartbeat=heartbeat, should_give_up=should_give_up)
+        return Tunnel(connect, record.server_port, local_port, heartbeat=heartbeat, should_give_up=should_give_up,
+                      heartbeat_interval=_heartbeat_interval(record))
 
     def _open_tunnel(self, record: InstanceRecord, opts: UpOptions, progress: Progress) -> UpResult:
         preferred = opts.tunnel_port or self.settings.tunnel_port
@@ -425,7 +492,7 @@ class Orchestrator:
         # The server may have died while nobody was attached: make sure it runs.
         session = self.connect(record)
         try:
-            runtime = self._runtime(record, self.provider(record.provider).get(record.instance_id))
+            runtime = self._runtime(record)
             info = self._ctl_json(session, runtime, "server-info")
             if not info["alive"]:
                 progress(f"{record.name}: the image server was not running; starting it")
@@ -480,7 +547,7 @@ class Orchestrator:
             return
         try:
             progress(f"{record.name}: stopping the image server")
-            session.run(self._ctl(self._runtime(record, live), "stop-server"), timeout=60, check=False)
+            session.run(self._ctl(self._runtime(record), "stop-server"), timeout=60, check=False)
         except Exception:
             pass
         finally:
@@ -546,13 +613,57 @@ class Orchestrator:
         if live is None:
             return self._force(record, TERMINATED, "the provider no longer has it")
         if live.status == InstanceStatus.STOPPED and record.state in BILLING_STATES - {STOPPING}:
-            return self._force(record, STOPPED, "stopped outside orch")
+            provider = self.provider(record.provider)
+            reason = provider.stop_reason(record.instance_id) if provider.capabilities.reports_stop_reason else None
+            record = self._force(record, STOPPED, f"stopped by its agent: {reason}" if reason else "stopped outside orch")
+            return self.state.update(record.name, stop_reason=reason or "stopped outside orch")
         return record
+
+    def strays(self) -> list[dict[str, Any]]:
+        """Instances that may bill without orch knowing: tagged but not in state, or past max_lifetime."""
+        known = {(r.provider, r.instance_id): r for r in self.state.all() if r.instance_id}
+        names = {r.provider for r in self.state.all()} | {self.settings.provider}
+        found = []
+        now = time.time()
+        for provider_name in sorted(names):
+            try:
+                instances = self.provider(provider_name).list()
+            except Exception as e:
+                log.info("cannot list %s: %s", provider_name, e)
+                continue
+            for inst in instances:
+                if not inst.status.is_billing_compute:
+                    continue
+                record = known.get((provider_name, inst.instance_id))
+                if record is None:
+                    if inst.tags.get("orch"):
+                        found.append({"provider": provider_name, "instance_id": inst.instance_id, "name": inst.name,
+                                      "reason": "not in orch's state"})
+                    continue
+                lifetime = (record.settings.get("deadlines") or {}).get("max_lifetime")
+                if lifetime and record.created_at + lifetime < now - 60:
+                    found.append({"provider": provider_name, "instance_id": inst.instance_id, "name": record.name,
+                                  "reason": f"past its max_lifetime ({format_duration(lifetime)}) and still {inst.status.value.lower()}"})
+        return found
+
+    def gc(self, strays: list[dict[str, Any]], progress: Progress = _noop) -> list[dict[str, Any]]:
+        stopped = []
+        for s in strays:
+            progress(f"stopping {s['provider']}:{s['instance_id']} ({s['reason']})")
+            provider = self.provider(s["provider"])
+            record = self.state.get(s["name"])
+            if record and record.instance_id == s["instance_id"]:
+                result = self.down(record.name)
+                stopped.append({**s, "status": result["status"]})
+                continue
+            (provider.stop if provider.capabilities.can_stop else provider.terminate)(s["instance_id"])
+            stopped.append({**s, "status": provider.get(s["instance_id"]).status.value})
+        return stopped
 
     def _force(self, record: InstanceRecord, to_state: str, detail: str) -> InstanceRecord:
         return self.state.transition(record.name, to_state, detail, tunnel_pid=None, local_port=None)
 
-    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+    def status(self, name: str | None = None, with_deadlines: bool = True) -> list[dict[str, Any]]:
         records = [self._resolve(name, want_running=False)] if name else self.state.all()
         out = []
         now = time.time()
@@ -574,8 +685,16 @@ class Orchestrator:
                 "cost": round(self.cost(record, now), 4),
                 "created_at": record.created_at,
                 "stop_reason": record.stop_reason,
+                "deadlines": self._time_left(record) if record.state == RUNNING and with_deadlines else None,
             })
         return out
+
+    def _time_left(self, record: InstanceRecord) -> dict[str, Any] | None:
+        agent = self.agent_status(record)
+        if not agent:
+            return None
+        left = agent.get("left", {})
+        return {k: (round(v, 4) if k == "budget_usd" else format_duration(v)) for k, v in left.items()}
 
     def _resolve(self, name: str | None, want_running: bool) -> InstanceRecord:
         if name:
@@ -657,6 +776,47 @@ def _rp(path: str) -> str:
 
 def _sh_value(value: str) -> str:
     return _rp(value) if value.startswith("~") else shlex.quote(value)
+
+
+def _b64json(data: dict[str, Any]) -> str:
+    return base64.b64encode(json.dumps(data).encode()).decode()
+
+
+def _deadlines_from(settings: dict[str, Any]) -> Deadlines:
+    return Deadlines(**settings.get("deadlines", {})) if settings.get("deadlines") else Deadlines()
+
+
+def _heartbeat_interval(record: InstanceRecord) -> float:
+    """Often enough that two missed beats still leave the agent's timeout unreached."""
+    timeout = (record.settings.get("deadlines") or {}).get("heartbeat_timeout") or 600
+    return max(0.5, min(30.0, timeout / 4))
+
+
+class _Heartbeats:
+    """Heartbeats on an existing SSH session from a background thread, during a slow step."""
+
+    def __init__(self, session: SshSession, command: str, interval: float):
+        import threading
+
+        self._session, self._command, self._interval = session, command, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="up-heartbeats", daemon=True)
+
+    def start(self) -> "_Heartbeats":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._session.run(self._command, timeout=30)
+            except Exception as e:
+                log.info("heartbeat failed: %s", e)
+            self._stop.wait(self._interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=35)
 
 
 def _deadlines_json(d: Deadlines) -> dict[str, Any]:

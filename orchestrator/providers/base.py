@@ -79,6 +79,7 @@ class Capabilities:
     port_forwarding: bool = True  # SSH direct-tcpip works, so the tunnel can reach 127.0.0.1
     prices_before_create: bool = True  # offers carry a price
     powers_off_host: bool = True  # stop ends the machine; False: only orch's processes end
+    reports_stop_reason: bool = False  # stop_reason() can read why the agent stopped it
     regions: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()
 
@@ -177,4 +178,14 @@ class Provider(Protocol):
 
     def list(self) -> list[Instance]: ...
 
-    def runtime(self, instance: Instance) -> RemoteRuntime: ...
+    def runtime(self, name: str) -> RemoteRuntime:
+        """How orch's code runs on instance `name` (known before it is created)."""
+        ...
+
+    def self_stop_command(self, name: str) -> str:
+        """A shell command the agent on the instance runs to stop it, the provider's way."""
+        ...
+
+    def stop_reason(self, instance_id: str) -> str | None:
+        """Why the agent stopped the instance, where capabilities.reports_stop_reason."""
+        ...

@@ -106,6 +106,7 @@ class LocalProvider:
         port_forwarding=True,
         prices_before_create=True,
         powers_off_host=True,
+        reports_stop_reason=True,
         regions=("local",),
     )
 
@@ -275,5 +276,28 @@ class LocalProvider:
             return []
         return [self._instance(d) for d in sorted(self.root.iterdir()) if (d / "meta.json").exists()]
 
-    def runtime(self, instance: Instance) -> RemoteRuntime:
-        return RemoteRuntime(python=self._meta(instance.instance_id).get("python") or self.python, code_on_path=True)
+    def runtime(self, name: str) -> RemoteRuntime:
+        return RemoteRuntime(python=self.python, code_on_path=True, home="~/.orch")
+
+    def self_stop_command(self, name: str) -> str:
+        # The instance's processes know their directory and interpreter from their environment.
+        return '"$ORCH_PYTHON" -m orchestrator.providers.local stop-dir "$ORCH_LOCAL_INSTANCE_DIR"'
+
+    def stop_reason(self, instance_id: str) -> str | None:
+        try:
+            data = json.loads((self._dir(instance_id) / "disk" / ".orch" / "agent" / "stopped.json").read_text())
+        except (OSError, json.JSONDecodeError, NotFound):
+            return None
+        return data.get("reason")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m orchestrator.providers.local stop-dir DIR`: what a local instance's agent runs."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "stop-dir":
+        raise SystemExit("usage: python -m orchestrator.providers.local stop-dir INSTANCE_DIR")
+    stop_instance_dir(Path(args[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -46,6 +46,7 @@ class SshHostProvider:
         port_forwarding=True,
         prices_before_create=True,
         powers_off_host=False,
+        reports_stop_reason=True,
         regions=("ssh",),
     )
 
@@ -160,11 +161,7 @@ class SshHostProvider:
         session = self._session()
         try:
             self._instance(instance_id, session)
-            home = sh_path(self._home(instance_id))
-            mark = f"MARK={MARKER_ENV}={shlex.quote(instance_id)}"
-            self._run(session, f"rm -f {home}/active; {mark}; pids=$({_FIND_PIDS}); [ -n \"$pids\" ] && kill -TERM $pids 2>/dev/null; "
-                               f"i=0; while [ $i -lt 100 ]; do pids=$({_FIND_PIDS}); [ -z \"$pids\" ] && break; sleep 0.1; i=$((i+1)); done; "
-                               f"pids=$({_FIND_PIDS}); [ -n \"$pids\" ] && kill -KILL $pids 2>/dev/null; true")
+            self._run(session, self._stop_script(instance_id))
             return self._instance(instance_id, session)
         finally:
             session.close()
@@ -206,6 +203,30 @@ class SshHostProvider:
         finally:
             session.close()
 
-    def runtime(self, instance: Instance) -> RemoteRuntime:
-        return RemoteRuntime(python=self.settings.python, code_on_path=False, home=self._home(instance.instance_id),
-                             env={MARKER_ENV: instance.instance_id})
+    def runtime(self, name: str) -> RemoteRuntime:
+        return RemoteRuntime(python=self.settings.python, code_on_path=False, home=self._home(name), env={MARKER_ENV: name})
+
+    def self_stop_command(self, name: str) -> str:
+        return self._stop_script(name)
+
+    def _stop_script(self, name: str) -> str:
+        """End every orch process of the instance (never the host): TERM, up to 10 s, then KILL."""
+        home = sh_path(self._home(name))
+        return (f"rm -f {home}/active; MARK={MARKER_ENV}={shlex.quote(name)}; pids=$({_FIND_PIDS}); "
+                f"[ -n \"$pids\" ] && kill -TERM $pids 2>/dev/null; "
+                f"i=0; while [ $i -lt 100 ]; do pids=$({_FIND_PIDS}); [ -z \"$pids\" ] && break; sleep 0.1; i=$((i+1)); done; "
+                f"pids=$({_FIND_PIDS}); [ -n \"$pids\" ] && kill -KILL $pids 2>/dev/null; true")
+
+    def stop_reason(self, instance_id: str) -> str | None:
+        try:
+            session = self._session()
+        except ProviderError:
+            return None
+        try:
+            out = self._run(session, f"cat {sh_path(self._home(instance_id))}/agent/stopped.json 2>/dev/null; true")
+        finally:
+            session.close()
+        try:
+            return json.loads(out).get("reason") if out.strip() else None
+        except json.JSONDecodeError:
+            return None

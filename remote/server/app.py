@@ -133,6 +133,14 @@ def create_app(config: ServerConfig) -> FastAPI:
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
 
+    @app.middleware("http")
+    async def _time_left_header(request: Request, call_next):
+        response = await call_next(request)
+        left = _time_left(config.state_dir)
+        if left:
+            response.headers["X-Orch-Time-Left"] = left
+        return response
+
     @app.on_event("startup")
     def _start_loading() -> None:
         threading.Thread(target=load_default, name="model-load", daemon=True).start()
@@ -279,6 +287,29 @@ def create_app(config: ServerConfig) -> FastAPI:
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
     return app
+
+
+def _time_left(state_dir: Path) -> str:
+    """The agent's latest view, e.g. 'idle=14m59s; max_lifetime=7h58m; heartbeat=9m31s'."""
+    try:
+        status = json.loads((state_dir / "agent" / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    age = time.time() - status.get("at", 0)
+    parts = []
+    for key, value in sorted(status.get("left", {}).items()):
+        if key == "budget_usd":
+            parts.append(f"budget=${value:.2f}")
+        else:
+            parts.append(f"{key}={_short(value - age)}")
+    return "; ".join(parts)
+
+
+def _short(seconds: float) -> str:
+    s = int(max(0, seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _is_out_of_memory(e: Exception) -> bool:
