@@ -62,6 +62,14 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    # Where models live: s3://bucket/prefix, file:///dir or a directory; `--model NAME` is relative to it.
+    url: str = ""
+    endpoint: str = ""  # S3-compatible endpoint; default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
+    profile: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     provider: str = "local"
     gpu: str | None = None
@@ -72,6 +80,7 @@ class Settings:
     deadlines: Deadlines = field(default_factory=Deadlines)
     local: LocalSettings = field(default_factory=LocalSettings)
     ssh: SshHostSettings = field(default_factory=SshHostSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     # Raw per-provider sections for the cloud providers (credentials profile, region, ...).
     providers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -131,7 +140,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
-    top_known = {"provider", "gpu", "region", "max_price", "tunnel_port", "models", "deadlines", "local", "ssh", "providers"}
+    top_known = {"provider", "gpu", "region", "max_price", "tunnel_port", "models", "deadlines", "local", "ssh", "storage", "providers"}
     unknown = sorted(set(data) - top_known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(top_known))}")
@@ -148,6 +157,7 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
         deadlines=_deadlines(data.get("deadlines"), f"{path}: deadlines"),
         local=_section(LocalSettings, data.get("local"), f"{path}: local"),
         ssh=_section(SshHostSettings, data.get("ssh"), f"{path}: ssh"),
+        storage=_section(StorageSettings, data.get("storage"), f"{path}: storage"),
         providers=dict(data.get("providers") or {}),
     )
     if "ORCH_PROVIDER" in env:

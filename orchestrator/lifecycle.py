@@ -180,13 +180,18 @@ class Orchestrator:
         return runtime
 
     @staticmethod
-    def _ctl(runtime: RemoteRuntime, *args: str, module: str = "remote.ctl") -> str:
+    def _python_cmd(runtime: RemoteRuntime, module: str, *args: str) -> str:
+        """`python -m module args` on the instance, with orch's environment there."""
         env = dict(runtime.env)
         if not runtime.code_on_path:
             env["PYTHONPATH"] = f"{runtime.home}/app"
         exports = " ".join(f"{k}={_sh_value(v)}" for k, v in env.items())
         argv = " ".join(shlex.quote(a) for a in args)
-        return f"{exports} {shlex.quote(runtime.python)} -m {module} --home {shlex.quote(runtime.home)} {argv}".strip()
+        return f"{exports} {shlex.quote(runtime.python)} -m {module} {argv}".strip()
+
+    @classmethod
+    def _ctl(cls, runtime: RemoteRuntime, *args: str, module: str = "remote.ctl") -> str:
+        return cls._python_cmd(runtime, module, "--home", runtime.home, *args)
 
     def _ctl_json(self, session: SshSession, runtime: RemoteRuntime, *args: str, timeout: float = 120,
                   module: str = "remote.ctl") -> dict[str, Any]:
@@ -305,6 +310,10 @@ class Orchestrator:
                 phases["bootstrap"] = time.monotonic() - t0
 
                 t0 = time.monotonic()
+                self._sync_models(session, record, runtime, progress)
+                phases["sync"] = time.monotonic() - t0
+
+                t0 = time.monotonic()
                 self._move(name, STARTING_SERVER)
                 progress(f"{name}: starting the image server and loading the model")
                 self._ctl_json(session, runtime, "start-server")
@@ -363,6 +372,39 @@ class Orchestrator:
             runtime = self._install_server_env(session, record, runtime)
         session.put_bytes(record.token.encode(), f"{runtime.home}/token")  # type: ignore[union-attr]
         return runtime
+
+    def _sync_models(self, session: SshSession, record: InstanceRecord, runtime: RemoteRuntime, progress: Progress) -> None:
+        """The instance pulls its models itself, straight from the store; credentials go over stdin."""
+        refs = record.settings.get("models") or []
+        if not refs:
+            return
+        from .storage.sync import is_store_url, parse_location, resolved_credentials
+
+        storage = self.settings.storage
+        urls = []
+        for ref in refs:
+            if is_store_url(ref):
+                urls.append(ref)
+            elif storage.url:
+                urls.append(storage.url.rstrip("/") + "/" + ref.lstrip("/"))
+            else:
+                raise LifecycleError(f"--model {ref}: not a store URL (s3://bucket/prefix) and no storage.url in orch.yaml to resolve it against")
+        creds = resolved_credentials(storage.endpoint or None, storage.profile or None) if any(u.startswith("s3://") for u in urls) else {}
+        for url in urls:
+            loc = parse_location(url)
+            name = loc.prefix.rsplit("/", 1)[-1] or loc.bucket
+            dst = f"{runtime.home}/models/{name}"
+            progress(f"{record.name}: the instance pulls {url}")
+            command = self._python_cmd(runtime, "orchestrator.storage", "pull", url, dst, "--cache", f"{runtime.home}/transfers.db",
+                                       "--creds-stdin")
+            result = session.run(command, stdin=json.dumps(creds).encode(), timeout=6 * 3600, check=False)
+            try:
+                data = json.loads(result.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                raise LifecycleError(f"pulling {url} on the instance failed: {result.stderr.strip()[-2000:]}") from None
+            if result.exit_code != 0 or "error" in data:
+                raise LifecycleError(f"pulling {url} on the instance failed: {data.get('error')}")
+            progress(f"{record.name}: {url}: {data['bytes_transferred']:,} bytes pulled, {data['bytes_skipped']:,} already there")
 
     def _install_server_env(self, session: SshSession, record: InstanceRecord, runtime: RemoteRuntime) -> RemoteRuntime:
         venv = f"{runtime.home}/venv"
@@ -844,7 +886,11 @@ def _remote_code_bundle() -> tuple[bytes, str]:
     import remote
 
     root = Path(remote.__file__).parent
+    package_root = root.parent / "orchestrator"
+    # The instance needs `remote` and the storage sync (it pulls models itself), nothing laptop-only.
     files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files += [package_root / "__init__.py"]
+    files += sorted(p for p in (package_root / "storage").rglob("*.py") if "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:

@@ -46,17 +46,6 @@ CREATE TABLE IF NOT EXISTS events (
     to_state TEXT NOT NULL,
     detail TEXT
 );
-CREATE TABLE IF NOT EXISTS hash_cache (
-    dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    blake3 TEXT NOT NULL,
-    PRIMARY KEY (dev, ino, size, mtime_ns)
-);
-CREATE TABLE IF NOT EXISTS uploads (
-    store TEXT NOT NULL, key TEXT NOT NULL,
-    upload_id TEXT NOT NULL, part_size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (store, key)
-);
 """
 
 
@@ -198,33 +187,3 @@ class State:
         else:
             rows = self._query("SELECT * FROM events ORDER BY id")
         return [dict(r) for r in rows]
-
-    # -- hash cache (storage sync) -----------------------------------------------------
-
-    def cached_hash(self, st: os.stat_result) -> str | None:
-        rows = self._query(
-            "SELECT blake3 FROM hash_cache WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?",
-            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
-        )
-        return rows[0]["blake3"] if rows else None
-
-    def store_hash(self, st: os.stat_result, digest: str) -> None:
-        self._execute(
-            "INSERT OR REPLACE INTO hash_cache (dev, ino, size, mtime_ns, blake3) VALUES (?, ?, ?, ?, ?)",
-            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest),
-        )
-
-    # -- resumable multipart uploads ---------------------------------------------------
-
-    def get_upload(self, store: str, key: str) -> tuple[str, int] | None:
-        rows = self._query("SELECT upload_id, part_size FROM uploads WHERE store = ? AND key = ?", (store, key))
-        return (rows[0]["upload_id"], rows[0]["part_size"]) if rows else None
-
-    def put_upload(self, store: str, key: str, upload_id: str, part_size: int) -> None:
-        self._execute(
-            "INSERT OR REPLACE INTO uploads (store, key, upload_id, part_size, created_at) VALUES (?, ?, ?, ?, ?)",
-            (store, key, upload_id, part_size, time.time()),
-        )
-
-    def drop_upload(self, store: str, key: str) -> None:
-        self._execute("DELETE FROM uploads WHERE store = ? AND key = ?", (store, key))

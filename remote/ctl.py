@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-SERVER_DEPS = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "PIL", "safetensors")
+SERVER_DEPS = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "PIL", "safetensors", "blake3", "boto3")
 
 
 def _pid_alive(pid: int) -> bool:

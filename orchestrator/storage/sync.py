@@ -1,0 +1,293 @@
+"""push / pull between local paths and a content-addressed store, like `aws s3 sync`.
+
+`push DIR s3://b/p` puts DIR's contents under p; `pull s3://b/p DIR` puts them back
+under DIR; a single file works too. Nothing is sent that the store already holds (by
+hash, under any name), nothing is fetched that the destination already holds, and every
+download is verified before it is moved into place. Runs on the laptop and on the
+instance alike: it imports nothing laptop-only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Protocol
+from urllib.parse import urlparse
+
+from .cache import TransferCache
+from .stores import BlobStore, FileStore, S3Store, StorageError, part_size_for
+
+STORE_MARKER = ".orch/store.json"
+PARTIAL_SUFFIXES = (".orch-part", ".orch-part.json")
+
+
+class ProgressSink(Protocol):
+    def file(self, name: str, size: int) -> Callable[[int], None]: ...
+
+    def file_done(self, name: str) -> None: ...
+
+
+class NoProgress:
+    def file(self, name: str, size: int) -> Callable[[int], None]:
+        return lambda n: None
+
+    def file_done(self, name: str) -> None:
+        pass
+
+
+@dataclass
+class SyncResult:
+    files: int = 0
+    bytes_transferred: int = 0
+    bytes_skipped: int = 0
+    seconds: float = 0.0
+    transferred: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 3)
+        return data
+
+
+@dataclass(frozen=True)
+class Location:
+    kind: str  # "s3" | "file"
+    bucket: str
+    prefix: str  # posix, no leading or trailing slash
+    trailing_slash: bool = False
+    root: Path | None = None  # file stores
+
+
+def is_store_url(text: str) -> bool:
+    return text.startswith(("s3://", "file://"))
+
+
+def parse_location(text: str) -> Location:
+    """s3://bucket/prefix, file:///dir/prefix, or a plain directory path (a file store)."""
+    trailing = text.endswith("/")
+    if text.startswith("s3://"):
+        u = urlparse(text)
+        if not u.netloc:
+            raise StorageError(f"{text}: no bucket; write s3://BUCKET/PREFIX")
+        return Location("s3", u.netloc, u.path.strip("/"), trailing)
+    path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser().resolve()
+    # The store's root is the nearest folder holding a store marker (like git); else this path.
+    for candidate in [path, *path.parents]:
+        if (candidate / STORE_MARKER).exists():
+            return Location("file", str(candidate), str(PurePosixPath(*path.relative_to(candidate).parts)).strip(".").strip("/"),
+                            trailing, root=candidate)
+    return Location("file", str(path), "", trailing, root=path)
+
+
+def make_s3_client(endpoint: str | None = None, profile: str | None = None, credentials: dict[str, str] | None = None,
+                   region: str | None = None):
+    """A boto3 S3 client configured for AWS and for S3-compatible stores (R2, B2, MinIO, OSS)."""
+    import boto3
+    from botocore.config import Config
+
+    creds = credentials or {}
+    session = boto3.session.Session(
+        profile_name=profile or None,
+        aws_access_key_id=creds.get("access_key") or None,
+        aws_secret_access_key=creds.get("secret_key") or None,
+        aws_session_token=creds.get("token") or None,
+        region_name=region or creds.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    )
+    endpoint = endpoint or creds.get("endpoint") or None
+    custom = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        # Path-style for custom endpoints: MinIO, rclone and many others have no per-bucket DNS.
+        s3={"addressing_style": "path" if custom else "auto"},
+        # Newer botocore sends CRC checksums by default; R2, B2 and MinIO reject some of them.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=32,
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def resolved_credentials(endpoint: str | None = None, profile: str | None = None) -> dict[str, str]:
+    """The laptop's S3 credentials, to hand to an instance (over SSH stdin, never logged)."""
+    import boto3
+
+    session = boto3.session.Session(profile_name=profile or None)
+    found = session.get_credentials()
+    if found is None:
+        raise StorageError("no S3 credentials on this machine: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile")
+    frozen = found.get_frozen_credentials()
+    out = {"access_key": frozen.access_key, "secret_key": frozen.secret_key, "token": frozen.token or "",
+           "region": session.region_name or os.environ.get("AWS_REGION", "") or "us-east-1"}
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        out["endpoint"] = endpoint
+    return out
+
+
+def open_store(loc: Location, client_factory: Callable[[], Any] | None = None) -> BlobStore:
+    if loc.kind == "s3":
+        return S3Store((client_factory or make_s3_client)(), loc.bucket)
+    assert loc.root is not None
+    marker = loc.root / STORE_MARKER
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text('{"version": 1}\n')
+    return FileStore(loc.root)
+
+
+def _safe_name(name: str) -> str:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise StorageError(f"refusing unsafe name {name!r} in a manifest")
+    return str(p)
+
+
+def _local_files(src: Path) -> list[tuple[str, Path]]:
+    out = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d != ".orch")
+        for f in sorted(files):
+            if f.endswith(PARTIAL_SUFFIXES):
+                continue
+            path = Path(root) / f
+            if path.is_file():
+                out.append((str(PurePosixPath(*path.relative_to(src).parts)), path))
+    return out
+
+
+def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | None = None,
+         client_factory: Callable[[], Any] | None = None) -> SyncResult:
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    loc = parse_location(dst)
+    store = open_store(loc, client_factory)
+    if src.is_file():
+        if loc.trailing_slash or not loc.prefix:
+            manifest_prefix, files = loc.prefix, [(src.name, src)]
+        else:
+            parent = str(PurePosixPath(loc.prefix).parent)
+            manifest_prefix, files = ("" if parent == "." else parent), [(PurePosixPath(loc.prefix).name, src)]
+    elif src.is_dir():
+        manifest_prefix, files = loc.prefix, _local_files(src)
+    else:
+        raise StorageError(f"{src} does not exist")
+
+    manifest = store.read_manifest(manifest_prefix) or {"version": 1, "files": {}}
+    before = dict(manifest["files"])
+    known_sizes: set[int] | None = None
+    result = SyncResult()
+    for name, path in files:
+        st = path.stat()
+        size = st.st_size
+        digest = cache.cached_hash(st)
+        entry = before.get(name)
+        result.files += 1
+        if digest and entry and entry.get("blake3") == digest:
+            result.bytes_skipped += size  # unchanged since it was pushed: not even a request
+            continue
+        if digest is None:
+            if known_sizes is None:
+                known_sizes = _sizes_in_store(store)
+            # Hash first only when the store may already hold it (a blob of that size), or it
+            # is small; else hash in the same read pass as the upload.
+            if size in known_sizes or size <= part_size_for(size):
+                digest = cache.file_hash(path, st)
+        if digest and store.blob_size(digest) == size:
+            result.bytes_skipped += size
+        else:
+            advance = progress.file(name, size)
+            transfer = store.upload(path, st, digest, cache, advance)
+            progress.file_done(name)
+            if digest is None:
+                after = path.stat()
+                if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    cache.remember_hash(st, transfer.digest)
+            digest = transfer.digest
+            result.bytes_transferred += transfer.bytes_moved
+            result.bytes_skipped += size - transfer.bytes_moved
+            result.transferred.append(name)
+        manifest["files"][name] = {"blake3": digest, "size": size}
+        if known_sizes is not None:
+            known_sizes.add(size)  # a later file of this size in the same run may be this one's twin
+    if manifest["files"] != before:
+        manifest["updated_at"] = time.time()
+        store.write_manifest(manifest_prefix, manifest)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _sizes_in_store(store: BlobStore) -> set[int]:
+    sizes: set[int] = set()
+    for prefix in store.manifest_prefixes():
+        m = store.read_manifest(prefix) or {}
+        sizes.update(e["size"] for e in m.get("files", {}).values())
+    return sizes
+
+
+def plan_pull(store: BlobStore, loc: Location, dst: Path, dst_is_dir: bool = False) -> list[tuple[Path, str, int]]:
+    """(target path, hash, size) for everything under loc, placed under dst like `aws s3 sync`."""
+    prefixes = store.manifest_prefixes()
+    prefix = loc.prefix
+    under = [m for m in prefixes if prefix == "" or m == prefix or m.startswith(prefix + "/")]
+    plan: list[tuple[Path, str, int]] = []
+    if under:
+        for m in under:
+            base = m[len(prefix):].strip("/") if prefix else m
+            for name, e in (store.read_manifest(m) or {}).get("files", {}).items():
+                rel = PurePosixPath(base) / _safe_name(name) if base else PurePosixPath(_safe_name(name))
+                plan.append((dst.joinpath(*rel.parts), e["blake3"], e["size"]))
+        return plan
+    # A single file: the manifest of its longest listed ancestor names it.
+    for m in sorted(prefixes, key=len, reverse=True):
+        if m == "" or prefix.startswith(m + "/"):
+            name = prefix[len(m):].strip("/")
+            entry = (store.read_manifest(m) or {}).get("files", {}).get(name)
+            if entry:
+                target = dst / PurePosixPath(name).name if (dst_is_dir or dst.is_dir()) else dst
+                return [(target, entry["blake3"], entry["size"])]
+    raise StorageError(f"nothing at {loc.kind}://{loc.bucket}/{prefix}; `orch models {loc.kind}://{loc.bucket}` lists what the store holds")
+
+
+def pull(src: str, dst: str | Path, cache: TransferCache, progress: ProgressSink | None = None,
+         client_factory: Callable[[], Any] | None = None) -> SyncResult:
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    loc = parse_location(src)
+    store = open_store(loc, client_factory)
+    result = SyncResult()
+    # "DIR/" means a directory even before it exists, as with `aws s3 cp`.
+    dst_is_dir = str(dst).endswith("/")
+    dst = Path(dst).expanduser()
+    for target, digest, size in plan_pull(store, loc, dst, dst_is_dir):
+        result.files += 1
+        if target.is_file() and target.stat().st_size == size and cache.file_hash(target) == digest:
+            result.bytes_skipped += size
+            continue
+        advance = progress.file(target.name, size)
+        moved = store.download(digest, size, target, advance)
+        progress.file_done(target.name)
+        cache.remember_hash(target.stat(), digest)
+        result.bytes_transferred += moved
+        result.bytes_skipped += size - moved
+        result.transferred.append(str(target))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def list_models(url: str, client_factory: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+    """What the store holds: one row per pushed prefix, with its files and total size."""
+    loc = parse_location(url)
+    store = open_store(loc, client_factory)
+    rows = []
+    for m in store.manifest_prefixes():
+        if loc.prefix and not (m == loc.prefix or m.startswith(loc.prefix + "/")):
+            continue
+        files = (store.read_manifest(m) or {}).get("files", {})
+        rows.append({"prefix": m, "url": f"{loc.kind}://{loc.bucket}/{m}".rstrip("/"), "files": len(files),
+                     "bytes": sum(e["size"] for e in files.values()),
+                     "names": sorted(files)})
+    return rows

