@@ -439,7 +439,8 @@ class S3Store:
 
     def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
         key = blob_key(digest)
-        chunk = part_size_for(size)
+        # Smaller than upload parts: more requests in flight keep the pipe full.
+        chunk = max(MIB, part_size_for(size) // 4)
         part = _PartFile(dest, digest, size, chunk)
         moved = 0
         moved_lock = threading.Lock()
