@@ -125,16 +125,16 @@ def test_a1111_sampler_names_work(client):
 
 def test_an_exception_in_one_request_leaves_the_server_serving(client, monkeypatch):
     models = client.app.state.models
-    real = models.generate
+    real = models.generate_batch
     calls = {"n": 0}
 
-    def boom(req, model=None):
+    def boom(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("synthetic failure")
-        return real(req, model)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(models, "generate", boom)
+    monkeypatch.setattr(models, "generate_batch", boom)
     first = client.post("/sdapi/v1/txt2img", json=small())
     assert first.status_code == 500 and "synthetic failure" in first.json()["detail"]
     second = client.post("/sdapi/v1/txt2img", json=small())
@@ -144,10 +144,10 @@ def test_an_exception_in_one_request_leaves_the_server_serving(client, monkeypat
 def test_out_of_memory_is_a_503_with_advice(client, monkeypatch):
     models = client.app.state.models
 
-    def oom(req, model=None):
+    def oom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(models, "generate", oom)
+    monkeypatch.setattr(models, "generate_batch", oom)
     r = client.post("/sdapi/v1/txt2img", json=small())
     assert r.status_code == 503 and "width/height" in r.json()["detail"]
 

@@ -11,6 +11,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -114,21 +115,69 @@ class Activity:
             self._write()
 
 
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's StableDiffusionImg2ImgProcessingAPI (the fields clients rely on)."""
+
+    init_images: list[str] = Field(default_factory=list)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask: str | None = None
+    inpainting_fill: int = 0
+    mask_blur: int = 4
+    inpaint_full_res: bool = False
+    resize_mode: int = 0
+
+
+def decode_image(b64: str, field: str):
+    """A base64 image, with or without a data: prefix; a bad one names its field."""
+    from PIL import Image, UnidentifiedImageError
+
+    if b64.startswith("data:"):
+        b64 = b64.split(",", 1)[-1]
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(b64, validate=False)))
+        img.load()
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+        raise HTTPException(status_code=422, detail=f"{field}: not a base64-encoded image ({type(e).__name__})") from None
+    return img
+
+
 def create_app(config: ServerConfig) -> FastAPI:
+    from .engine import Engine, Job
+
     app = FastAPI(title="orch image server (A1111-compatible)", version="0.1.0")
     models = ModelManager(config.models_dir, device=config.device)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     activity = Activity(config.state_dir)
     status: dict[str, Any] = {"status": "loading", "started_at": time.time()}
-    generate_lock = threading.Lock()
+    options: dict[str, Any] = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+    started = time.monotonic()
+    counters = {"requests_total": 0, "errors_total": 0, "images_total": 0, "steps_total": 0, "gen_seconds_total": 0.0}
+
+    def execute(jobs: list[Job], engine: Engine) -> list[Any]:
+        head = jobs[0]
+        reqs = [j.payload["request"] for j in jobs]
+        return models.generate_batch(reqs, engine, head.payload.get("model"), head.payload.get("kind", "txt2img"),
+                                     head.payload.get("extra"))
+
+    engine = Engine(execute, max_batch=int(os.environ.get("ORCH_MAX_BATCH", "8")))
     app.state.models = models
     app.state.status = status
+    app.state.engine = engine
 
     def load_default() -> None:
         try:
-            loaded = models.load()
-            status.update(status="ready", model=loaded.entry.name, demo=loaded.entry.is_demo, device=loaded.device,
+            loaded = engine.call(models.load)
+            status.update(status="warming-up", model=loaded.entry.name, demo=loaded.entry.is_demo, device=loaded.device,
                           load_seconds=round(loaded.load_seconds, 3))
+            sizes, batches = _warmup_plan(loaded)
+            if sizes:
+                status["warmup_seconds"] = round(engine.call(lambda: models.warm_up(sizes, batches)), 3)
+            status["status"] = "ready"
+            status["ready_seconds"] = round(time.monotonic() - started, 3)
         except Exception as e:  # reported by /healthz; the process stays up to say why
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
@@ -187,6 +236,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed: %s %s", request.method, request.url.path)
+        counters["errors_total"] += 1
         return _error(500, f"{type(exc).__name__}: {exc}")
 
     @app.get("/healthz")
@@ -195,38 +245,172 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     auth = [Depends(require_token)]
 
-    @app.get("/sdapi/v1/sd-models", dependencies=auth)
-    def sd_models() -> list[dict[str, Any]]:
-        entries = models.list_models()
+    def model_rows() -> list[dict[str, Any]]:
         return [
             {"title": f"{e.name} [{e.short_hash}]", "model_name": e.name, "hash": e.short_hash, "sha256": None,
              "filename": str(e.path), "config": None}
-            for e in entries
+            for e in models.list_models()
         ]
+
+    @app.get("/sdapi/v1/sd-models", dependencies=auth)
+    def sd_models() -> list[dict[str, Any]]:
+        return model_rows()
+
+    @app.post("/sdapi/v1/refresh-checkpoints", dependencies=auth)
+    def refresh_checkpoints() -> dict[str, Any]:
+        return {"models": len(model_rows())}
+
+    def _files(sub: str, suffixes: tuple[str, ...]) -> list[Path]:
+        folder = config.models_dir / sub
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes) if folder.exists() else []
+
+    @app.get("/sdapi/v1/sd-vae", dependencies=auth)
+    def sd_vae() -> list[dict[str, Any]]:
+        return [{"model_name": p.stem, "filename": str(p)} for p in _files("VAE", (".safetensors", ".pt", ".ckpt"))]
+
+    @app.post("/sdapi/v1/refresh-vae", dependencies=auth)
+    def refresh_vae() -> dict[str, Any]:
+        return {"vae": len(sd_vae())}
+
+    @app.get("/sdapi/v1/loras", dependencies=auth)
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in _files("Lora", (".safetensors", ".pt"))]
+
+    @app.post("/sdapi/v1/refresh-loras", dependencies=auth)
+    def refresh_loras() -> dict[str, Any]:
+        return {"loras": len(loras())}
 
     @app.get("/sdapi/v1/samplers", dependencies=auth)
     def list_samplers() -> list[dict[str, Any]]:
         return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in samplers.available_samplers()]
 
+    @app.get("/sdapi/v1/schedulers", dependencies=auth)
+    def list_schedulers() -> list[dict[str, Any]]:
+        return [{"name": k.lower(), "label": k, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for k in samplers.SCHEDULES]
+
+    def current_options() -> dict[str, Any]:
+        current = models.current
+        checkpoint = f"{current.entry.name} [{current.entry.short_hash}]" if current else None
+        return {**options, "sd_model_checkpoint": checkpoint, "sd_checkpoint_hash": current.entry.short_hash if current else None}
+
     @app.get("/sdapi/v1/options", dependencies=auth)
     def get_options() -> dict[str, Any]:
-        current = models.current
-        return {"sd_model_checkpoint": f"{current.entry.name} [{current.entry.short_hash}]" if current else None}
+        return current_options()
 
-    @app.post("/sdapi/v1/txt2img", dependencies=auth)
-    def txt2img(body: Txt2ImgRequest) -> JSONResponse:
-        if status["status"] == "loading":
+    @app.post("/sdapi/v1/options", dependencies=auth)
+    def set_options(body: dict[str, Any]) -> JSONResponse:
+        # Clients post the whole dict back: unknown keys are kept, the checkpoint is switched.
+        checkpoint = body.get("sd_model_checkpoint")
+        if checkpoint:
+            try:
+                entry = models.find(str(checkpoint))
+            except ModelNotFound as e:
+                return _error(422, f"sd_model_checkpoint: {e}")
+            if not models.current or models.current.entry.path != entry.path:
+                loaded = engine.call(lambda: models.load(entry.name))
+                status.update(model=loaded.entry.name, demo=loaded.entry.is_demo)
+        options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
+        return JSONResponse(None)
+
+    @app.get("/sdapi/v1/progress", dependencies=auth)
+    def progress() -> dict[str, Any]:
+        data = engine.progress.as_a1111()
+        if not engine.busy and engine.queue_depth == 0:
+            data.update(progress=0.0, eta_relative=0.0)
+        data["state"]["job_count"] = engine.queue_depth + (1 if engine.busy else 0)
+        return data
+
+    @app.post("/sdapi/v1/interrupt", dependencies=auth)
+    def interrupt() -> JSONResponse:
+        engine.interrupt()
+        return JSONResponse(None)
+
+    @app.post("/sdapi/v1/skip", dependencies=auth)
+    def skip() -> JSONResponse:
+        engine.progress.skipped = True
+        engine.interrupt()
+        return JSONResponse(None)
+
+    @app.get("/sdapi/v1/memory", dependencies=auth)
+    def memory() -> dict[str, Any]:
+        import psutil  # installed with accelerate
+
+        vm = psutil.virtual_memory()
+        out: dict[str, Any] = {"ram": {"free": vm.available, "used": vm.used, "total": vm.total}, "cuda": {"error": "no CUDA"}}
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                out["cuda"] = {"system": {"free": free, "used": total - free, "total": total},
+                               "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+                               "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()}}
+        except Exception as e:
+            out["cuda"] = {"error": str(e)}
+        return out
+
+    @app.get("/sdapi/v1/scripts", dependencies=auth)
+    def scripts() -> dict[str, list]:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info", dependencies=auth)
+    def script_info() -> list:
+        return []
+
+    for empty in ("upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+        app.add_api_route(f"/sdapi/v1/{empty}", lambda: [], methods=["GET"], dependencies=auth)
+
+    @app.get("/sdapi/v1/embeddings", dependencies=auth)
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/cmd-flags", dependencies=auth)
+    def cmd_flags() -> dict[str, Any]:
+        return {"api": True, "api_auth": "orch:***", "listen": False}
+
+    @app.post("/sdapi/v1/png-info", dependencies=auth)
+    def png_info(body: PngInfoRequest) -> dict[str, Any]:
+        img = decode_image(body.image, "image")
+        text = img.info.get("parameters", "")
+        return {"info": text, "items": {k: v for k, v in img.info.items() if isinstance(v, str)}, "parameters": parse_infotext(text)}
+
+    @app.get("/metrics", dependencies=auth)
+    def metrics():
+        from fastapi.responses import PlainTextResponse
+
+        gen_s = counters["gen_seconds_total"]
+        lines = [
+            "# TYPE orch_requests_total counter", f"orch_requests_total {counters['requests_total']}",
+            "# TYPE orch_errors_total counter", f"orch_errors_total {counters['errors_total']}",
+            "# TYPE orch_images_total counter", f"orch_images_total {counters['images_total']}",
+            "# TYPE orch_queue_depth gauge", f"orch_queue_depth {engine.queue_depth}",
+            "# TYPE orch_batches_total counter", f"orch_batches_total {engine.batches}",
+            "# TYPE orch_iterations_per_second gauge",
+            f"orch_iterations_per_second {counters['steps_total'] / gen_s if gen_s else 0:.4f}",
+            "# TYPE orch_model_load_seconds gauge",
+        ]
+        lines += [f'orch_model_load_seconds{{model="{name}"}} {sec:.3f}' for name, sec in models.load_times.items()]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def check_ready() -> JSONResponse | None:
+        if status["status"] in ("loading", "warming-up"):
             return _error(503, "the model is still loading; retry in a few seconds", retry_after=5)
         if status["status"] == "error":
             return _error(503, f"no model could be loaded: {status.get('error')}")
-        side_limit = config.max_side
+        return None
+
+    def run_generation(body: Txt2ImgRequest, kind: str, extra: dict[str, Any] | None) -> JSONResponse:
+        not_ready = check_ready()
+        if not_ready:
+            return not_ready
         for field in ("width", "height"):
-            if getattr(body, field) > side_limit:
-                return _error(422, f"{field}: {getattr(body, field)} is larger than this server allows ({side_limit})")
+            if getattr(body, field) > config.max_side:
+                return _error(422, f"{field}: {getattr(body, field)} is larger than this server allows ({config.max_side})")
         checkpoint = body.override_settings.get("sd_model_checkpoint")
         try:
-            model = models.load(checkpoint) if checkpoint else None
-            samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
+            model_name = models.find(checkpoint).name if checkpoint else None
+            spec, schedule = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
         except ModelNotFound as e:
             return _error(422, f"override_settings.sd_model_checkpoint: {e}")
         except samplers.UnknownSampler as e:
@@ -236,17 +420,27 @@ def create_app(config: ServerConfig) -> FastAPI:
             width=body.width, height=body.height, seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter,
             sampler_name=body.sampler_name or body.sampler_index, scheduler=body.scheduler,
         )
+        current = models.current
+        key = (kind, model_name or (current.entry.name if current else None), req.width, req.height, req.steps, req.cfg_scale,
+               spec.name, schedule) if kind == "txt2img" else (kind, id(body))
+        job = Job(kind="txt2img" if kind == "txt2img" else "img2img", key=key, images=req.batch_size * req.n_iter,
+                  payload={"request": req, "model": model_name, "kind": kind, "extra": extra})
+        counters["requests_total"] += 1
         activity.begin()
         try:
-            with generate_lock:
-                result = models.generate(req, model)
+            result = engine.submit(job).result()
         except Exception as e:
+            counters["errors_total"] += 1
             if _is_out_of_memory(e):
                 _free_gpu_memory()
                 return _error(503, "out of GPU memory: lower width/height or batch_size, or use a larger GPU")
             raise
         finally:
             activity.end()
+        counters["images_total"] += len(result.images)
+        counters["steps_total"] += req.steps * (1 + (result.extra.get("batch_images", 1) > 1))
+        counters["gen_seconds_total"] += result.seconds
+        # PNG encoding happens here, on the HTTP thread, while the GPU runs the next batch.
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if body.send_images else []
         info = {
             "prompt": req.prompt,
@@ -271,7 +465,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "sd_model_hash": result.model.short_hash,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
-            "denoising_strength": None,
+            "denoising_strength": (extra or {}).get("strength"),
             "extra_generation_params": {},
             "index_of_first_image": 0,
             "infotexts": result.infotexts,
@@ -282,11 +476,75 @@ def create_app(config: ServerConfig) -> FastAPI:
             "version": "orch",
             "orch_demo_model": result.model.is_demo,
             "orch_seconds": round(result.seconds, 4),
+            "orch_batch_images": result.extra.get("batch_images", 1),
         }
-        parameters = body.model_dump()
+        parameters = body.model_dump(exclude={"init_images", "mask"})
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
+    @app.post("/sdapi/v1/txt2img", dependencies=auth)
+    def txt2img(body: Txt2ImgRequest) -> JSONResponse:
+        return run_generation(body, "txt2img", None)
+
+    @app.post("/sdapi/v1/img2img", dependencies=auth)
+    def img2img(body: Img2ImgRequest) -> JSONResponse:
+        if not body.init_images:
+            return _error(422, "init_images: give at least one base64 image")
+        init = decode_image(body.init_images[0], "init_images.0").convert("RGB").resize((body.width, body.height))
+        extra: dict[str, Any] = {"image": init, "strength": body.denoising_strength}
+        kind = "img2img"
+        if body.mask:
+            mask = decode_image(body.mask, "mask").convert("L").resize((body.width, body.height))
+            extra.update(mask_image=mask, width=body.width, height=body.height)
+            kind = "inpaint"
+        return run_generation(body, kind, extra)
+
     return app
+
+
+def _warmup_plan(loaded) -> tuple[list[tuple[int, int]], list[int]]:
+    """What to run at boot so compiling is done before the first user request.
+
+    ORCH_WARMUP="512x512,768x512:1,8" names sizes and batch sizes; default on CUDA: the
+    model's native size at batch 1; on CPU nothing (no compile there).
+    """
+    spec = os.environ.get("ORCH_WARMUP")
+    if spec is None:
+        if loaded.device != "cuda":
+            return [], []
+        pipe = loaded.pipeline
+        side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        return [(side, side)], [1]
+    if not spec.strip() or spec.strip() == "0":
+        return [], []
+    sizes_part, _, batches_part = spec.partition(":")
+    sizes = []
+    for item in sizes_part.split(","):
+        w, _, h = item.strip().partition("x")
+        sizes.append((int(w), int(h or w)))
+    batches = [int(b) for b in batches_part.split(",")] if batches_part else [1]
+    return sizes, batches
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """A1111's infotext back into fields: Prompt, Negative prompt, and each 'Key: value'."""
+    if not text:
+        return {}
+    lines = text.strip().split("\n")
+    params_line = lines[-1] if len(lines) > 1 and ":" in lines[-1] else ""
+    body = lines[:-1] if params_line else lines
+    prompt_lines, negative = [], []
+    target = prompt_lines
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            target = negative
+            line = line[len("Negative prompt:"):].strip()
+        target.append(line)
+    out: dict[str, Any] = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative)}
+    for part in params_line.split(", "):
+        key, _, value = part.partition(": ")
+        if key and value:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def _time_left(state_dir: Path) -> str:

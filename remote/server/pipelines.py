@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +111,15 @@ def format_infotext(req: GenerationRequest, seed: int, sampler: str, schedule: s
 
 
 class ModelManager:
-    def __init__(self, models_dir: Path, device: str | None = None):
+    """Finds and loads models. load() and generate() run on the engine's worker thread."""
+
+    def __init__(self, models_dir: Path, device: str | None = None, compile: bool | None = None):
         self.models_dir = models_dir
-        self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._device = device
+        env = os.environ.get("ORCH_COMPILE")
+        self._compile = compile if compile is not None else (env != "0" if env is not None else None)
+        self.load_times: dict[str, float] = {}
 
     def list_models(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
@@ -152,68 +155,130 @@ class ModelManager:
         return self._loaded
 
     def load(self, name: str | None = None) -> LoadedModel:
-        entry = self.find(name) if name else self.default_entry()
-        with self._lock:
-            if self._loaded and self._loaded.entry.path == entry.path:
-                return self._loaded
-            import torch
-            from diffusers import DiffusionPipeline
-
-            device, dtype = (self._device, torch.float32) if self._device else pick_device()
-            started = time.monotonic()
-            pipe = DiffusionPipeline.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
-            pipe.to(device)
-            pipe.set_progress_bar_config(disable=True)
-            if hasattr(pipe, "safety_checker"):
-                pipe.safety_checker = None
-            previous, self._loaded = self._loaded, LoadedModel(
-                entry=entry,
-                pipeline=pipe,
-                scheduler_config=dict(pipe.scheduler.config),
-                device=device,
-                load_seconds=time.monotonic() - started,
-            )
-            del previous
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            log.info("loaded %s on %s in %.1fs", entry.name, device, self._loaded.load_seconds)
+        entry = self.find(name) if name else (self._loaded.entry if self._loaded else self.default_entry())
+        if self._loaded and self._loaded.entry.path == entry.path:
             return self._loaded
+        import torch
+        from diffusers import DiffusionPipeline
 
-    def generate(self, req: GenerationRequest, model: LoadedModel | None = None) -> GenerationResult:
+        device, dtype = (self._device, torch.float16 if self._device == "cuda" else torch.float32) if self._device else pick_device()
+        started = time.monotonic()
+        # The previous model goes first: two resident SDXLs may not fit.
+        self._loaded = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        pipe = DiffusionPipeline.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if hasattr(pipe, "safety_checker"):
+            pipe.safety_checker = None
+        if device == "cuda":
+            self._optimize(pipe)
+        self._loaded = LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
+                                   load_seconds=time.monotonic() - started)
+        self.load_times[entry.name] = self._loaded.load_seconds
+        log.info("loaded %s on %s in %.1fs", entry.name, device, self._loaded.load_seconds)
+        return self._loaded
+
+    def _optimize(self, pipe) -> None:
+        """fp16 + SDPA are already on; add channels_last, fused QKV and torch.compile."""
         import torch
 
-        model = model or self._loaded or self.load()
-        spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
-        first_seed = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
-        total = req.batch_size * req.n_iter
-        seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(total)]
-        # Components are shared, the scheduler is not: one per request.
-        pipe = model.pipeline.__class__(**{**model.pipeline.components, "scheduler": samplers.make_scheduler(model.scheduler_config, spec, schedule)})
-        pipe.set_progress_bar_config(disable=True)
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        try:
+            pipe.fuse_qkv_projections()
+        except Exception as e:  # not every pipeline or attention processor supports it
+            log.info("fused QKV not available: %s", e)
+        if self._compile is not False:
+            torch._inductor.config.conv_1x1_as_mm = True
+            torch._inductor.config.coordinate_descent_tuning = True
+            torch._inductor.config.epilogue_fusion = False
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+
+    def warm_up(self, sizes: list[tuple[int, int]], batches: list[int]) -> float:
+        """Run each (size, batch) once so compiling happens at boot, not on a user's request."""
         started = time.monotonic()
-        images = []
-        for it in range(req.n_iter):
-            batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-            # CPU generators: the same seed gives the same image on any device, as in A1111.
-            generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-            with torch.inference_mode():
-                out = pipe(
-                    prompt=[req.prompt] * len(batch_seeds),
-                    negative_prompt=[req.negative_prompt] * len(batch_seeds) if req.negative_prompt else None,
-                    num_inference_steps=req.steps,
-                    guidance_scale=req.cfg_scale,
-                    width=req.width,
-                    height=req.height,
-                    generator=generators,
-                )
-            images.extend(out.images)
-        infotexts = [format_infotext(req, s, spec.name, schedule, model.entry) for s in seeds]
-        return GenerationResult(
-            images=images,
-            seeds=seeds,
-            infotexts=infotexts,
-            sampler_name=spec.name,
-            schedule=schedule,
-            model=model.entry,
-            seconds=time.monotonic() - started,
+        model = self._loaded or self.load()
+        for width, height in sizes:
+            for batch in batches:
+                self._run(model, GenerationRequest(prompt="warm-up", steps=2, width=width, height=height, batch_size=batch),
+                          ["warm-up"] * batch, [""] * batch, list(range(batch)), None)
+        return time.monotonic() - started
+
+    def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
+        """The model's components with a fresh scheduler: shared weights, private sampler state."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule)
+        base = model.pipeline
+        if kind == "txt2img":
+            pipe = base.__class__(**{**base.components, "scheduler": scheduler})
+        elif kind == "img2img":
+            pipe = AutoPipelineForImage2Image.from_pipe(base, scheduler=scheduler)
+        else:
+            pipe = AutoPipelineForInpainting.from_pipe(base, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _run(self, model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
+             engine, kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[Any]:
+        import torch
+
+        spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
+        pipe = self._pipeline_for(model, spec, schedule, kind)
+        steps = req.steps
+
+        def on_step(p, i, t, kwargs):
+            if engine is not None and engine.step(i + 1, steps):
+                p._interrupt = True  # skip the remaining steps; what is done so far is decoded
+            return kwargs
+
+        # CPU generators: the same seed gives the same image on any device, as in A1111.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        args: dict[str, Any] = dict(
+            prompt=prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
+            guidance_scale=req.cfg_scale, generator=generators, callback_on_step_end=on_step,
         )
+        if kind == "txt2img":
+            args.update(width=req.width, height=req.height)
+        args.update(extra or {})
+        with torch.inference_mode():
+            return list(pipe(**args).images)
+
+    def generate_batch(self, requests: list[GenerationRequest], engine=None, model_name: str | None = None,
+                       kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[GenerationResult]:
+        """Several compatible requests as few pipeline calls as possible (at most max_batch images each)."""
+        model = self.load(model_name)
+        head = requests[0]
+        spec, schedule = samplers.resolve(head.sampler_name, head.scheduler)
+        per_request_seeds = []
+        flat: list[tuple[int, str, str, int]] = []
+        for r_index, req in enumerate(requests):
+            first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
+            seeds = [(first + i) % (MAX_SEED + 1) for i in range(req.batch_size * req.n_iter)]
+            per_request_seeds.append(seeds)
+            flat.extend((r_index, req.prompt, req.negative_prompt, s) for s in seeds)
+        max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
+        started = time.monotonic()
+        images: list[Any] = []
+        for i in range(0, len(flat), max_batch):
+            chunk = flat[i : i + max_batch]
+            images.extend(self._run(model, head, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk], engine,
+                                    kind, extra))
+        seconds = time.monotonic() - started
+        results = []
+        cursor = 0
+        for req, seeds in zip(requests, per_request_seeds):
+            mine = images[cursor : cursor + len(seeds)]
+            cursor += len(seeds)
+            infotexts = [format_infotext(req, s, spec.name, schedule, model.entry) for s in seeds]
+            results.append(GenerationResult(images=mine, seeds=seeds, infotexts=infotexts, sampler_name=spec.name,
+                                            schedule=schedule, model=model.entry, seconds=seconds,
+                                            extra={"batch_images": len(flat)}))
+        return results
+
+    def generate(self, req: GenerationRequest, model: LoadedModel | None = None) -> GenerationResult:
+        """One request, run directly (tests and scripts; the server goes through the engine)."""
+        return self.generate_batch([req], None, model.entry.name if model else None)[0]

@@ -1,0 +1,157 @@
+"""The GPU worker: one thread owns the pipelines; requests queue up and run in batches.
+
+Why one thread: CUDA graphs (torch.compile mode "reduce-overhead") and scheduler state are
+not safe to drive from many threads, and a single owner lets concurrent compatible
+requests (same model, size, steps, CFG, sampler) run as one batch, which is what makes
+8 clients faster than 8 x 1. HTTP threads only wait on futures and encode PNGs, so PNG
+encoding stays off the GPU's critical path.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("orch.server")
+
+BATCH_BUCKETS = (1, 2, 4, 8)
+
+
+@dataclass
+class Job:
+    kind: str  # "txt2img" | "img2img" | "call"
+    key: tuple  # requests with equal keys may share a batch
+    images: int  # images this job asks for
+    run: Callable[[list["Job"]], list[Any]] | None = None  # for "call" jobs: run(jobs) -> results
+    payload: Any = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ProgressState:
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = 0.0
+    interrupted: bool = False
+    skipped: bool = False
+    job: str = ""
+
+    def as_a1111(self) -> dict[str, Any]:
+        frac = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
+        elapsed = time.monotonic() - self.started if self.started else 0.0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        return {
+            "progress": round(frac, 4),
+            "eta_relative": round(eta, 3),
+            "state": {"skipped": self.skipped, "interrupted": self.interrupted, "job": self.job,
+                      "job_count": self.job_count, "job_timestamp": "0", "job_no": 0,
+                      "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps},
+            "current_image": None,
+            "textinfo": None,
+        }
+
+
+class Engine:
+    """Runs jobs on one worker thread; batches compatible txt2img jobs up to max_batch images."""
+
+    def __init__(self, execute_batch: Callable[[list[Job], "Engine"], list[Any]], max_batch: int = 8, window_s: float = 0.005):
+        self._execute_batch = execute_batch
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._queue: "queue.Queue[Job]" = queue.Queue()
+        self._pending: list[Job] = []
+        self.progress = ProgressState()
+        self._interrupt = threading.Event()
+        self.busy = False
+        self.batches = 0
+        self.images = 0
+        self.requests = 0
+        self._thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    def submit(self, job: Job) -> Future:
+        self.requests += 1
+        self._queue.put(job)
+        return job.future
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the worker thread (model loads, warm-up) and wait for it."""
+        job = Job(kind="call", key=("call", id(fn)), images=0, run=lambda jobs: [fn()])
+        return self.submit(job).result()
+
+    # -- interrupt / progress --------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        self.progress.interrupted = True
+        self._interrupt.set()
+
+    def step(self, step: int, steps: int) -> bool:
+        """Called by the pipeline after each denoising step; True when asked to stop early."""
+        self.progress.sampling_step = step
+        self.progress.sampling_steps = steps
+        return self._interrupt.is_set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Job]:
+        if not self._pending:
+            self._pending.append(self._queue.get())
+        # A short window lets concurrent requests arrive and join the batch.
+        deadline = time.monotonic() + self.window_s
+        while True:
+            timeout = deadline - time.monotonic()
+            try:
+                self._pending.append(self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        head = self._pending[0]
+        if head.kind != "txt2img":
+            self._pending.pop(0)
+            return [head]
+        compatible = [j for j in self._pending if j.kind == "txt2img" and j.key == head.key]
+        available = sum(j.images for j in compatible)
+        # Batch sizes come from a few buckets, so compiled graphs are reused, not rebuilt.
+        limit = max([b for b in BATCH_BUCKETS if b <= min(self.max_batch, available)] or [head.images])
+        batch, total = [], 0
+        for j in compatible:
+            if batch and total + j.images > limit:
+                continue
+            batch.append(j)
+            total += j.images
+        for j in batch:
+            self._pending.remove(j)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            self.busy = True
+            self._interrupt.clear()
+            self.progress = ProgressState(job_count=len(batch), started=time.monotonic(), job=batch[0].kind)
+            try:
+                if batch[0].kind == "call":
+                    results = batch[0].run(batch)  # type: ignore[misc]
+                else:
+                    results = self._execute_batch(batch, self)
+                    self.batches += 1
+                    self.images += sum(j.images for j in batch)
+                for job, result in zip(batch, results):
+                    job.future.set_result(result)
+            except BaseException as e:  # one failed batch must not stop the worker
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            finally:
+                self.busy = False
+                self.progress.sampling_step = self.progress.sampling_steps
