@@ -121,10 +121,11 @@ def _run_until(args: list[str], env: dict, done) -> None:
     raise AssertionError("never reached the point to kill it")
 
 
-def test_kill_during_push_then_rerun_resumes(s3, orch, orch_home, tmp_path):
+@pytest.mark.parametrize("prehash", ["auto", "never"])  # never: the single read pass that hashes while uploading
+def test_kill_during_push_then_rerun_resumes(s3, orch, orch_home, tmp_path, prehash):
     size = 120 * MIB
     f = _random_file(tmp_path / "big.safetensors", size, seed=5)
-    env = {**os.environ, "ORCH_HOME": str(orch_home), "ORCH_SYNC_PART_SIZE": str(5 * MIB)}
+    env = {**os.environ, "ORCH_HOME": str(orch_home), "ORCH_SYNC_PART_SIZE": str(5 * MIB), "ORCH_SYNC_PREHASH": prehash}
     client = s3.client()
 
     def uploads() -> list[dict]:

@@ -39,6 +39,42 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+FAST_HASH_BYTES_PER_S = 500e6
+
+
+def hash_if_fast(path: Path, probe_bytes: int = 256 * 1024 * 1024) -> str | None:
+    """The file's BLAKE3 when reading it is fast (page cache, NVMe), else None.
+
+    A streaming upload must be copied to its blob key once its hash is known, which costs
+    more than reading a fast disk twice; on a slow disk the single read pass wins. The
+    first probe_bytes decide which.
+    """
+    mode = os.environ.get("ORCH_SYNC_PREHASH", "auto")  # auto | always | never
+    if mode == "never":
+        return None
+    if mode == "always":
+        return hash_file(path)
+    size = os.path.getsize(path)
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    started = time.monotonic()
+    done = 0
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            done += n
+            if done >= probe_bytes and done < size:
+                rate = done / max(time.monotonic() - started, 1e-6)
+                if rate < FAST_HASH_BYTES_PER_S:
+                    return None
+                probe_bytes = size  # fast enough: finish the pass
+    return h.hexdigest()
+
+
 class TransferCache:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Protocol
 from urllib.parse import urlparse
 
-from .cache import TransferCache
+from .cache import TransferCache, hash_if_fast
 from .stores import BlobStore, FileStore, S3Store, StorageError, part_size_for
 
 STORE_MARKER = ".orch/store.json"
@@ -198,6 +198,10 @@ def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | Non
             # is small; else hash in the same read pass as the upload.
             if size in known_sizes or size <= part_size_for(size):
                 digest = cache.file_hash(path, st)
+            else:
+                digest = hash_if_fast(path)  # None: a slow disk; the upload hashes as it reads
+                if digest is not None:
+                    cache.remember_hash(st, digest)
         if digest and store.blob_size(digest) == size:
             result.bytes_skipped += size
         else:
