@@ -55,13 +55,13 @@ def _progress(msg: str) -> None:
 
 def _run(as_json: bool, fn) -> Any:
     """Call fn, turning known errors into one clear message (and a JSON error object)."""
-    from .lifecycle import LifecycleError
+    from .errors import LifecycleError, SshError
     from .providers.base import ProviderError
-    from .ssh import SshError
+    from .storage.stores import StorageError
 
     try:
         return fn()
-    except (Failure, LifecycleError, ProviderError, SshError, ConfigError, DurationError) as e:
+    except (Failure, LifecycleError, ProviderError, SshError, StorageError, ConfigError, DurationError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         if as_json:
             _emit(True, {"error": str(e)})

@@ -28,6 +28,7 @@ import psutil
 
 from .config import Deadlines, Settings, orch_home
 from .durations import format_duration
+from .errors import LifecycleError, NotRunning
 from .providers import make_provider
 from .providers.base import (
     InsufficientCapacity,
@@ -46,14 +47,6 @@ from .tunnel import Tunnel
 log = logging.getLogger("orch")
 
 Progress = Callable[[str], None]
-
-
-class LifecycleError(Exception):
-    pass
-
-
-class NotRunning(LifecycleError):
-    pass
 
 
 # The lifecycle's own states (the provider's status is separate: Instance.status).

@@ -18,15 +18,8 @@ from typing import Callable
 
 import paramiko
 
+from .errors import HostKeyMismatch, SshError
 from .providers.base import SshEndpoint
-
-
-class SshError(Exception):
-    pass
-
-
-class HostKeyMismatch(SshError):
-    pass
 
 
 class RemoteCommandFailed(SshError):
