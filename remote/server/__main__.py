@@ -22,6 +22,13 @@ def main() -> None:
     args = parser.parse_args()
 
     home = Path(os.path.expanduser(args.home))
+    # torch.compile's caches live on the instance disk (and so in saved images): a restart
+    # loads compiled kernels instead of compiling again. Set before torch is imported.
+    cache = home / "compile-cache"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = (home / "token").read_text().strip()
     if not token:

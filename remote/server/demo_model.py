@@ -42,11 +42,21 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
+def _tokenizer():
+    """CLIP's tokenizer class over the byte-level vocabulary, written to a temporary folder."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(_byte_level_vocab()))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+
+
 def build_demo_pipeline(seed: int = 0):
     """Return a StableDiffusionPipeline with tiny random weights (a few MB)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -87,10 +97,7 @@ def build_demo_pipeline(seed: int = 0):
         max_position_embeddings=77,
     )
     text_encoder = CLIPTextModel(text_config)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    tokenizer = _tokenizer()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1,

@@ -61,10 +61,13 @@ class ProgressState:
 class Engine:
     """Runs jobs on one worker thread; batches compatible txt2img jobs up to max_batch images."""
 
-    def __init__(self, execute_batch: Callable[[list[Job], "Engine"], list[Any]], max_batch: int = 8, window_s: float = 0.005):
+    def __init__(self, execute_batch: Callable[[list[Job], "Engine"], list[Any]], max_batch: int = 8, window_s: float = 0.005,
+                 gather_s: float = 0.05):
         self._execute_batch = execute_batch
         self.max_batch = max_batch
         self.window_s = window_s
+        self.gather_s = gather_s
+        self._last_batch_jobs = 0
         self._queue: "queue.Queue[Job]" = queue.Queue()
         self._pending: list[Job] = []
         self.progress = ProgressState()
@@ -107,12 +110,18 @@ class Engine:
     def _take_batch(self) -> list[Job]:
         if not self._pending:
             self._pending.append(self._queue.get())
-        # A short window lets concurrent requests arrive and join the batch.
-        deadline = time.monotonic() + self.window_s
+        # A short window lets concurrent requests arrive and join the batch. When the last
+        # batch served several clients, they come back one by one (each encodes its PNGs
+        # first): wait a little longer for as many, rather than run a batch of one.
+        expected = min(self._last_batch_jobs, self.max_batch)
+        now = time.monotonic()
+        deadline = now + self.window_s
+        gather_deadline = now + self.gather_s
         while True:
-            timeout = deadline - time.monotonic()
+            limit = gather_deadline if len(self._pending) < expected else deadline
+            timeout = limit - time.monotonic()
             try:
-                self._pending.append(self._queue.get(timeout=max(0.0, timeout)) if timeout > 0 else self._queue.get_nowait())
+                self._pending.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
         head = self._pending[0]
@@ -131,6 +140,7 @@ class Engine:
             total += j.images
         for j in batch:
             self._pending.remove(j)
+        self._last_batch_jobs = len(batch)
         return batch
 
     def _loop(self) -> None:

@@ -1,0 +1,226 @@
+"""Plain diffusers vs orch's server over HTTP, on one GPU, in one run.
+
+Run on a GPU machine: python bench/server_gpu.py [--arch sd15|sdxl] [--out DIR]
+CPU smoke (what CI runs): python bench/server_gpu.py --smoke
+
+Measures, with a full-size random-weight architecture (speed does not depend on weights),
+at the arch's native size, 30 steps, CFG on, fp16:
+  - plain diffusers (StableDiffusionPipeline / XL in fp16, nothing else): seconds per image, batch 1
+  - orch's server over HTTP, end to end (request -> PNG in the JSON): seconds per image, batch 1
+  - images/s with 8 concurrent clients
+  - seconds from server start to the first image with a cold compile cache, then a warm one
+Goals (SD1.5, H100): <= 0.30 s/image (>= 4x plain); >= 6 images/s at 8 clients; <= 20 s warm start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+TOKEN = "bench-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Server:
+    def __init__(self, home: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "remote.server", "--home", str(home), "--port", str(self.port)],
+                                     env=env, stdout=open(home / f"server-{self.port}.log", "wb"), stderr=subprocess.STDOUT,
+                                     cwd=Path(__file__).resolve().parents[1])
+        self.home = home
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit("server died:\n" + (self.home / f"server-{self.port}.log").read_text()[-4000:])
+            try:
+                h = httpx.get(f"{self.base}/healthz", timeout=2).json()
+                if h["status"] == "ready":
+                    return h
+                if h["status"] == "error":
+                    raise SystemExit(f"server error: {h}")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("server not ready in time:\n" + (self.home / f"server-{self.port}.log").read_text()[-4000:])
+
+    def txt2img(self, body: dict) -> dict:
+        r = httpx.post(f"{self.base}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1200)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"])
+    parser.add_argument("--smoke", action="store_true", help="tiny demo model on the CPU, few steps (CI)")
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--skip-warm", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    smoke = args.smoke
+    cuda = torch.cuda.is_available() and not smoke
+    steps = 3 if smoke else 30
+    side = 64 if smoke else (512 if args.arch == "sd15" else 1024)
+    n_requests = 3 if smoke else args.requests
+    home = Path(tempfile.mkdtemp(prefix="orch-bench-server-"))
+    (home / "token").write_text(TOKEN)
+    models = home / "models"
+    results: dict = {"arch": "demo" if smoke else args.arch, "size": side, "steps": steps,
+                     "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+    # 1. The model, written once, as a user's diffusers folder would be.
+    t0 = time.monotonic()
+    if smoke:
+        from remote.server.demo_model import ensure_demo_model
+
+        model_dir = ensure_demo_model(models)
+    else:
+        from remote.server.architectures import build_random_pipeline
+
+        model_dir = models / f"{args.arch}-random"
+        build_random_pipeline(args.arch, dtype=torch.float16, device="cuda").save_pretrained(model_dir)
+        torch.cuda.empty_cache()
+    log(f"model written in {time.monotonic() - t0:.1f}s")
+
+    # 2. Plain diffusers, the peer: fp16, defaults, nothing else.
+    from diffusers import DiffusionPipeline
+
+    dtype = torch.float16 if cuda else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+
+    def plain_once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        pipe(prompt="a cat on a castle", num_inference_steps=steps, guidance_scale=7.0, width=side, height=side)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for _ in range(2):
+        plain_once()
+    plain = [plain_once() for _ in range(n_requests)]
+    results["plain_s_per_image"] = statistics.median(plain)
+    log(f"plain diffusers: {results['plain_s_per_image']:.3f}s/image")
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # 3. orch's server over HTTP, cold compile cache.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if smoke:
+        env.update(ORCH_COMPILE="0", ORCH_WARMUP="0")
+    else:
+        env["ORCH_WARMUP"] = f"{side}x{side}:1,8"
+    body = {"prompt": "a cat on a castle", "steps": steps, "width": side, "height": side, "cfg_scale": 7.0,
+            "sampler_name": "Euler", "seed": 1}
+    server = Server(home, env)
+    health = server.wait_ready(1800)
+    server.txt2img(body)
+    results["cold_start_to_first_image_s"] = time.monotonic() - server.started
+    results["cold_warmup_s"] = health.get("warmup_seconds")
+    log(f"cold start to first image: {results['cold_start_to_first_image_s']:.1f}s (warm-up {health.get('warmup_seconds')}s)")
+
+    seq, inside = [], []
+    for i in range(n_requests):
+        t = time.perf_counter()
+        r = server.txt2img({**body, "seed": 100 + i})
+        seq.append(time.perf_counter() - t)
+        inside.append(json.loads(r["info"])["orch_seconds"])
+    results["server_s_per_image"] = statistics.median(seq)
+    results["server_pipeline_s_per_image"] = statistics.median(inside)  # without HTTP and PNG
+    results["speedup_vs_plain"] = results["plain_s_per_image"] / results["server_s_per_image"]
+    log(f"server: {results['server_s_per_image']:.3f}s/image end to end ({results['speedup_vs_plain']:.2f}x plain), "
+        f"{results['server_pipeline_s_per_image']:.3f}s in the pipeline")
+    # Let the background warm-up of the other batch sizes finish before measuring concurrency.
+    deadline = time.monotonic() + 900
+    while httpx.get(f"{server.base}/healthz").json().get("background_warmup") == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    results["cold_background_warmup_s"] = httpx.get(f"{server.base}/healthz").json().get("background_warmup_seconds")
+
+    clients, per_client = 8, (2 if smoke else 4)
+    errors: list[Exception] = []
+
+    def client(c: int) -> None:
+        for k in range(per_client):
+            try:
+                server.txt2img({**body, "seed": 1000 + c * 100 + k})
+            except Exception as e:  # counted, not hidden
+                errors.append(e)
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    results["images_per_s_8_clients"] = (clients * per_client - len(errors)) / elapsed
+    results["errors"] = len(errors)
+    log(f"8 clients: {results['images_per_s_8_clients']:.2f} images/s ({len(errors)} errors)")
+    server.stop()
+
+    # 4. Warm compile cache: the same instance disk, the server started again.
+    if not args.skip_warm:
+        server = Server(home, env)
+        health = server.wait_ready(1800)
+        server.txt2img(body)
+        results["warm_start_to_first_image_s"] = time.monotonic() - server.started
+        results["warm_health"] = health
+        log(f"warm start to first image: {results['warm_start_to_first_image_s']:.1f}s")
+        server.stop()
+
+    print()
+    print(f"{results['device']}, {results['arch']} {side}x{side}, {steps} steps, CFG 7, batch 1")
+    print(f"{'plain diffusers s/image':<40}{results['plain_s_per_image']:>10.3f}")
+    print(f"{'orch server s/image (HTTP, end to end)':<40}{results['server_s_per_image']:>10.3f}")
+    print(f"{'  of which in the pipeline':<40}{results['server_pipeline_s_per_image']:>10.3f}")
+    print(f"{'ratio (plain / orch)':<40}{results['speedup_vs_plain']:>10.2f}x")
+    print(f"{'orch images/s, 8 concurrent clients':<40}{results['images_per_s_8_clients']:>10.2f}")
+    print(f"{'plain images/s, one at a time':<40}{1 / results['plain_s_per_image']:>10.2f}")
+    print(f"{'cold start -> first image (s)':<40}{results['cold_start_to_first_image_s']:>10.1f}")
+    if "warm_start_to_first_image_s" in results:
+        print(f"{'warm start -> first image (s)':<40}{results['warm_start_to_first_image_s']:>10.1f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"server_gpu_{results['arch']}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
