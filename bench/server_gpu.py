@@ -51,6 +51,11 @@ class Server:
                                      env=env, stdout=open(home / f"server-{self.port}.log", "wb"), stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1])
         self.home = home
+        # One keep-alive client with TCP_NODELAY, as A1111 clients (requests.Session, whose
+        # urllib3 sets TCP_NODELAY) hold one: without it Nagle + delayed ACK add ~40 ms.
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.client = httpx.Client(timeout=1200, transport=transport,
+                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=32))
 
     def wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -69,7 +74,7 @@ class Server:
         raise SystemExit("server not ready in time:\n" + (self.home / f"server-{self.port}.log").read_text()[-4000:])
 
     def txt2img(self, body: dict) -> dict:
-        r = httpx.post(f"{self.base}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1200)
+        r = self.client.post(f"{self.base}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         r.raise_for_status()
         return r.json()
 
@@ -157,14 +162,19 @@ def main() -> None:
     results["cold_warmup_s"] = health.get("warmup_seconds")
     log(f"cold start to first image: {results['cold_start_to_first_image_s']:.1f}s (warm-up {health.get('warmup_seconds')}s)")
 
-    seq, inside = [], []
+    seq, inside, queued, encoded = [], [], [], []
     for i in range(n_requests):
         t = time.perf_counter()
         r = server.txt2img({**body, "seed": 100 + i})
         seq.append(time.perf_counter() - t)
-        inside.append(json.loads(r["info"])["orch_seconds"])
+        info = json.loads(r["info"])
+        inside.append(info["orch_seconds"])
+        queued.append(info["orch_queue_seconds"])
+        encoded.append(info["orch_encode_seconds"])
     results["server_s_per_image"] = statistics.median(seq)
     results["server_pipeline_s_per_image"] = statistics.median(inside)  # without HTTP and PNG
+    results["server_queue_s"] = statistics.median(queued)
+    results["server_png_s"] = statistics.median(encoded)
     results["speedup_vs_plain"] = results["plain_s_per_image"] / results["server_s_per_image"]
     log(f"server: {results['server_s_per_image']:.3f}s/image end to end ({results['speedup_vs_plain']:.2f}x plain), "
         f"{results['server_pipeline_s_per_image']:.3f}s in the pipeline")
@@ -173,6 +183,12 @@ def main() -> None:
     while httpx.get(f"{server.base}/healthz").json().get("background_warmup") == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     results["cold_background_warmup_s"] = httpx.get(f"{server.base}/healthz").json().get("background_warmup_seconds")
+
+    t = time.perf_counter()
+    r = server.txt2img({**body, "batch_size": 8, "seed": 500})
+    results["server_batch8_s"] = time.perf_counter() - t
+    results["server_batch8_pipeline_s"] = json.loads(r["info"])["orch_seconds"]
+    log(f"one request of batch 8: {results['server_batch8_s']:.3f}s ({results['server_batch8_pipeline_s']:.3f}s in the pipeline)")
 
     clients, per_client = 8, (2 if smoke else 4)
     errors: list[Exception] = []
@@ -211,8 +227,10 @@ def main() -> None:
     print(f"{'plain diffusers s/image':<40}{results['plain_s_per_image']:>10.3f}")
     print(f"{'orch server s/image (HTTP, end to end)':<40}{results['server_s_per_image']:>10.3f}")
     print(f"{'  of which in the pipeline':<40}{results['server_pipeline_s_per_image']:>10.3f}")
+    print(f"{'  of which queued / PNG encoding':<40}{results['server_queue_s']:>5.3f} / {results['server_png_s']:.3f}")
     print(f"{'ratio (plain / orch)':<40}{results['speedup_vs_plain']:>10.2f}x")
     print(f"{'orch images/s, 8 concurrent clients':<40}{results['images_per_s_8_clients']:>10.2f}")
+    print(f"{'orch images/s, one request of batch 8':<40}{8 / results['server_batch8_s']:>10.2f}")
     print(f"{'plain images/s, one at a time':<40}{1 / results['plain_s_per_image']:>10.2f}")
     print(f"{'cold start -> first image (s)':<40}{results['cold_start_to_first_image_s']:>10.1f}")
     if "warm_start_to_first_image_s" in results:

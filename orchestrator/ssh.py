@@ -96,6 +96,7 @@ class SshSession:
         what: str = "instance",
     ) -> "SshSession":
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
         try:
             transport.banner_timeout = timeout

@@ -122,6 +122,8 @@ class Tunnel:
                 continue
             except OSError:
                 break
+            # Interactive request/response traffic: no Nagle delay on either hop.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve_client, args=(client, addr), daemon=True).start()
 
     def _serve_client(self, client: socket.socket, addr) -> None:

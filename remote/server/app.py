@@ -98,22 +98,27 @@ class Activity:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.requests = 0
+        self._written = 0.0
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"last_request": time.time(), "in_flight": self.in_flight, "requests": self.requests}))
         tmp.replace(self.path)
+        self._written = time.monotonic()
 
     def begin(self) -> None:
         with self.lock:
             self.in_flight += 1
             self.requests += 1
-            self._write()
+            if self.in_flight == 1 or time.monotonic() - self._written > 1.0:
+                self._write()
 
     def end(self) -> None:
         with self.lock:
             self.in_flight -= 1
-            self._write()
+            # Always when the last request ends: idle counts from then.
+            if self.in_flight == 0 or time.monotonic() - self._written > 1.0:
+                self._write()
 
 
 class PngInfoRequest(BaseModel):
@@ -175,6 +180,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             status.update(status="warming-up", model=loaded.entry.name, demo=loaded.entry.is_demo, device=loaded.device,
                           load_seconds=round(loaded.load_seconds, 3))
             sizes, batches = _warmup_plan(loaded)
+            if sizes and models.compiling:
+                engine.set_batch_sizes(batches)
             if sizes:
                 # The first size at the first batch size before "ready"; the rest warm up behind
                 # it on the worker, so the first user waits for one compile, not all of them.
@@ -195,14 +202,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         except Exception as e:  # reported by /healthz; the process stays up to say why
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
-
-    @app.middleware("http")
-    async def _time_left_header(request: Request, call_next):
-        response = await call_next(request)
-        left = _time_left(config.state_dir)
-        if left:
-            response.headers["X-Orch-Time-Left"] = left
-        return response
 
     @app.on_event("startup")
     def _start_loading() -> None:
@@ -443,6 +442,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         activity.begin()
         try:
             result = engine.submit(job).result()
+            queued = job.started - job.enqueued
         except Exception as e:
             counters["errors_total"] += 1
             if _is_out_of_memory(e):
@@ -455,7 +455,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         counters["steps_total"] += req.steps * (1 + (result.extra.get("batch_images", 1) > 1))
         counters["gen_seconds_total"] += result.seconds
         # PNG encoding happens here, on the HTTP thread, while the GPU runs the next batch.
+        t_encode = time.perf_counter()
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if body.send_images else []
+        encode_seconds = time.perf_counter() - t_encode
         info = {
             "prompt": req.prompt,
             "all_prompts": [req.prompt] * len(result.seeds),
@@ -491,6 +493,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             "orch_demo_model": result.model.is_demo,
             "orch_seconds": round(result.seconds, 4),
             "orch_batch_images": result.extra.get("batch_images", 1),
+            "orch_queue_seconds": round(queued, 4),
+            "orch_encode_seconds": round(encode_seconds, 4),
         }
         parameters = body.model_dump(exclude={"init_images", "mask"})
         return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
@@ -512,6 +516,29 @@ def create_app(config: ServerConfig) -> FastAPI:
             kind = "inpaint"
         return run_generation(body, kind, extra)
 
+    # A plain ASGI wrapper (not BaseHTTPMiddleware, which re-streams every body): adds the
+    # agent's time left before each deadline to every response.
+    inner = app.build_middleware_stack
+
+    def build_stack():
+        asgi = inner()
+
+        async def with_time_left(scope, receive, send):
+            if scope["type"] != "http":
+                return await asgi(scope, receive, send)
+
+            async def send_with_header(message):
+                if message["type"] == "http.response.start":
+                    left = _time_left(config.state_dir)
+                    if left:
+                        message["headers"] = [*message.get("headers", []), (b"x-orch-time-left", left.encode())]
+                await send(message)
+
+            await asgi(scope, receive, send_with_header)
+
+        return with_time_left
+
+    app.build_middleware_stack = build_stack  # type: ignore[method-assign]
     return app
 
 

@@ -27,10 +27,12 @@ class Job:
     kind: str  # "txt2img" | "img2img" | "call"
     key: tuple  # requests with equal keys may share a batch
     images: int  # images this job asks for
+    background: bool = False  # warm-up work: runs only when no user job waits
     run: Callable[[list["Job"]], list[Any]] | None = None  # for "call" jobs: run(jobs) -> results
     payload: Any = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Engine:
         self.window_s = window_s
         self.gather_s = gather_s
         self._last_batch_jobs = 0
+        self.pad_to: int | None = None  # the batch size the current batch is padded to
+        self.idle_before_background_s = 2.0
+        self._last_user_done = 0.0
+        self.batch_sizes: tuple[int, ...] = tuple(b for b in BATCH_BUCKETS if b <= max_batch)
         self._queue: "queue.Queue[Job]" = queue.Queue()
         self._pending: list[Job] = []
         self.progress = ProgressState()
@@ -93,6 +99,16 @@ class Engine:
         job = Job(kind="call", key=("call", id(fn)), images=0, run=lambda jobs: [fn()])
         return self.submit(job).result()
 
+    def call_in_background(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the worker when no user job is waiting (warm-up of extra shapes)."""
+        job = Job(kind="call", key=("call", id(fn)), images=0, run=lambda jobs: [fn()], background=True)
+        self._queue.put(job)
+        return job.future
+
+    def set_batch_sizes(self, sizes: list[int]) -> None:
+        """Only these batch sizes run (compiled graphs exist for them); 1 is always allowed."""
+        self.batch_sizes = tuple(sorted({1, *[s for s in sizes if 1 <= s <= self.max_batch]}))
+
     # -- interrupt / progress --------------------------------------------------------------
 
     def interrupt(self) -> None:
@@ -115,7 +131,8 @@ class Engine:
         # first): wait a little longer for as many, rather than run a batch of one.
         expected = min(self._last_batch_jobs, self.max_batch)
         now = time.monotonic()
-        deadline = now + self.window_s
+        # Alone lately: run at once (no added latency). Several lately: gather a moment.
+        deadline = now + (self.window_s if expected > 1 else 0.0)
         gather_deadline = now + self.gather_s
         while True:
             limit = gather_deadline if len(self._pending) < expected else deadline
@@ -124,14 +141,21 @@ class Engine:
                 self._pending.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
-        head = self._pending[0]
+        head = next((j for j in self._pending if not j.background), self._pending[0])
         if head.kind != "txt2img":
-            self._pending.pop(0)
+            self._pending.remove(head)
             return [head]
         compatible = [j for j in self._pending if j.kind == "txt2img" and j.key == head.key]
         available = sum(j.images for j in compatible)
-        # Batch sizes come from a few buckets, so compiled graphs are reused, not rebuilt.
-        limit = max([b for b in BATCH_BUCKETS if b <= min(self.max_batch, available)] or [head.images])
+        # Only batch sizes with compiled graphs: a new shape would compile for a minute. A
+        # batch at least half full runs at the next compiled size, padded (a wider batch
+        # costs far less than running its images one by one).
+        above = [b for b in self.batch_sizes if b >= available]
+        if above and available * 2 >= above[0]:
+            limit, self.pad_to = above[0], above[0]
+        else:
+            limit = max([b for b in self.batch_sizes if b <= available] or [head.images])
+            self.pad_to = None
         batch, total = [], 0
         for j in compatible:
             if batch and total + j.images > limit:
@@ -148,6 +172,8 @@ class Engine:
             batch = self._take_batch()
             self.busy = True
             self._interrupt.clear()
+            for job in batch:
+                job.started = time.monotonic()
             self.progress = ProgressState(job_count=len(batch), started=time.monotonic(), job=batch[0].kind)
             try:
                 if batch[0].kind == "call":
@@ -165,3 +191,5 @@ class Engine:
             finally:
                 self.busy = False
                 self.progress.sampling_step = self.progress.sampling_steps
+                if not batch[0].background:
+                    self._last_user_done = time.monotonic()

@@ -120,6 +120,7 @@ class ModelManager:
         env = os.environ.get("ORCH_COMPILE")
         self._compile = compile if compile is not None else (env != "0" if env is not None else None)
         self.load_times: dict[str, float] = {}
+        self.compiling = False
 
     def list_models(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
@@ -192,6 +193,7 @@ class ModelManager:
         except Exception as e:  # not every pipeline or attention processor supports it
             log.info("fused QKV not available: %s", e)
         if self._compile is not False:
+            self.compiling = True
             torch._inductor.config.conv_1x1_as_mm = True
             # reduce-overhead: CUDA graphs remove the per-kernel launch cost that dominates
             # SD at batch 1. (max-autotune compiled for minutes without finishing.)
@@ -262,12 +264,16 @@ class ModelManager:
             per_request_seeds.append(seeds)
             flat.extend((r_index, req.prompt, req.negative_prompt, s) for s in seeds)
         max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
+        pad_to = getattr(engine, "pad_to", None) if engine is not None else None
         started = time.monotonic()
         images: list[Any] = []
         for i in range(0, len(flat), max_batch):
             chunk = flat[i : i + max_batch]
-            images.extend(self._run(model, head, [c[1] for c in chunk], [c[2] for c in chunk], [c[3] for c in chunk], engine,
-                                    kind, extra))
+            # Padding to a compiled batch size; the padded images are dropped.
+            padding = [(0, "", "", 0)] * (pad_to - len(chunk)) if pad_to and len(chunk) < pad_to and kind == "txt2img" else []
+            out = self._run(model, head, [c[1] for c in chunk + padding], [c[2] for c in chunk + padding],
+                            [c[3] for c in chunk + padding], engine, kind, extra)
+            images.extend(out[: len(chunk)])
         seconds = time.monotonic() - started
         results = []
         cursor = 0
