@@ -164,3 +164,30 @@ def test_requests_are_recorded_for_the_agent(client):
     client.post("/sdapi/v1/txt2img", json=small())
     after = json.loads(path.read_text())
     assert after["requests"] == before + 1 and after["in_flight"] == 0
+
+
+def test_engine_runs_user_jobs_before_background_warmup():
+    import threading
+    import time as _time
+
+    from remote.server.engine import Engine, Job
+
+    order: list[str] = []
+
+    def execute(jobs, engine):
+        order.append("user")
+        return [None for _ in jobs]
+
+    engine = Engine(execute)
+    engine.idle_before_background_s = 0.5
+    engine.call(lambda: order.append("load"))  # a foreground call: the quiet period starts after it
+    background = engine.call_in_background(lambda: order.append("background"))
+    _time.sleep(0.1)
+    user = engine.submit(Job(kind="txt2img", key=("k",), images=1))
+    user.result(5)
+    background.result(5)
+    assert order == ["load", "user", "background"], "a user arriving in the quiet period goes first"
+    # With nothing waiting, the background job runs once the engine has been quiet.
+    t0 = _time.monotonic()
+    engine.call_in_background(lambda: order.append("later")).result(5)
+    assert order[-1] == "later" and _time.monotonic() - t0 < 2

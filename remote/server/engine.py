@@ -141,7 +141,18 @@ class Engine:
                 self._pending.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
-        head = next((j for j in self._pending if not j.background), self._pending[0])
+        # User jobs first; background warm-up only after a quiet moment with nothing waiting,
+        # so a user who arrives right after "ready" is not stuck behind a compile.
+        users = [j for j in self._pending if not j.background]
+        if not users:
+            quiet = self.idle_before_background_s - (time.monotonic() - self._last_user_done)
+            if quiet > 0:
+                try:
+                    self._pending.append(self._queue.get(timeout=quiet))
+                except queue.Empty:
+                    pass
+                return self._take_batch()
+        head = users[0] if users else self._pending[0]
         if head.kind != "txt2img":
             self._pending.remove(head)
             return [head]
