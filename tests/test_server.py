@@ -191,3 +191,33 @@ def test_engine_runs_user_jobs_before_background_warmup():
     t0 = _time.monotonic()
     engine.call_in_background(lambda: order.append("later")).result(5)
     assert order[-1] == "later" and _time.monotonic() - t0 < 2
+
+
+def test_first_request_after_ready_is_not_stuck_behind_background_warmup(tmp_path, monkeypatch):
+    import time as _time
+
+    from remote.server.pipelines import ModelManager
+
+    real = ModelManager.warm_up
+    background_started: list[float] = []
+
+    def slow_for_batch_8(self, sizes, batches):
+        if batches == [8]:
+            background_started.append(_time.monotonic())
+            _time.sleep(3)  # a compile of another batch size
+            return 3.0
+        return real(self, sizes, batches)
+
+    monkeypatch.setattr(ModelManager, "warm_up", slow_for_batch_8)
+    monkeypatch.setenv("ORCH_WARMUP", "64x64:1,8")
+    app = create_app(ServerConfig(token=TOKEN, models_dir=tmp_path / "models", state_dir=tmp_path / ".orch", device="cpu"))
+    with TestClient(app) as c:
+        while c.get("/healthz").json()["status"] != "ready":
+            _time.sleep(0.05)
+        t0 = _time.monotonic()
+        r = c.post("/sdapi/v1/txt2img", json=small(), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200
+        assert _time.monotonic() - t0 < 2.5, "served before the background warm-up"
+        while c.get("/healthz").json().get("background_warmup") != "done":
+            _time.sleep(0.1)
+        assert background_started and background_started[0] > t0, "the warm-up of other shapes ran after the user"

@@ -193,15 +193,17 @@ def create_app(config: ServerConfig) -> FastAPI:
             status["ready_seconds"] = round(time.monotonic() - started, 3)
             rest = [(size, b) for size in sizes for b in batches if (size, b) != (sizes[0], batches[0])] if sizes else []
             if rest:
-                def warm_rest() -> None:
-                    t = time.monotonic()
-                    for size, b in rest:
-                        models.warm_up([size], [b])
-                    status.update(background_warmup="done", background_warmup_seconds=round(time.monotonic() - t, 3))
-
+                # One background job per shape: a user request waits for at most one of them.
                 status["background_warmup"] = "running"
+                t_rest = time.monotonic()
+                futures = [engine.call_in_background(lambda size=size, b=b: models.warm_up([size], [b])) for size, b in rest]
 
-                threading.Thread(target=lambda: engine.call(warm_rest), name="warm-rest", daemon=True).start()
+                def done(_f) -> None:
+                    if all(f.done() for f in futures):
+                        status.update(background_warmup="done", background_warmup_seconds=round(time.monotonic() - t_rest, 3))
+
+                for f in futures:
+                    f.add_done_callback(done)
         except Exception as e:  # reported by /healthz; the process stays up to say why
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
