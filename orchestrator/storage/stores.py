@@ -155,9 +155,8 @@ class _PartFile:
     def finish(self, source: str) -> None:
         """Verify the whole file against its hash, then move it into place atomically.
 
-        No fsync of the data: it tripled the time of a pull here, and after a power loss
-        the hash cache entry written after it is lost too, so the file is hashed again
-        and re-fetched rather than trusted.
+        No fsync of the data: it tripled the time of a pull here. The cost, said in the
+        README: a power loss within the writeback window can leave a damaged file.
         """
         os.close(self.fd)
         got = hash_file(self.path)
