@@ -50,8 +50,11 @@ def wait_stopped(provider: LocalProvider, instance_id: str, timeout: float = 120
 
 def instance_id_of(home: Path, name: str) -> str:
     while True:
-        row = sqlite3.connect(home / "state.db").execute("SELECT instance_id, state FROM instances WHERE name = ?", (name,)).fetchone() \
-            if (home / "state.db").exists() else None
+        try:
+            row = sqlite3.connect(home / "state.db").execute("SELECT instance_id, state FROM instances WHERE name = ?",
+                                                             (name,)).fetchone() if (home / "state.db").exists() else None
+        except sqlite3.OperationalError:  # the CLI is still creating the schema
+            row = None
         if row and row[0] and row[1] in ("STARTING_SERVER", "RUNNING"):
             return row[0]
         time.sleep(0.05)

@@ -26,15 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from ._files import pid_alive as _alive
+from ._files import read_json as _read
+
 TICK_S = 1.0
 DEADLINE_KEYS = ("idle", "boot_timeout", "max_lifetime", "heartbeat_timeout", "budget")
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _write(path: Path, data: dict) -> None:
@@ -42,22 +38,6 @@ def _write(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _fmt(seconds: float) -> str:
@@ -246,6 +226,9 @@ def boot_done(home: Path) -> dict:
     if not boot.get("boot_done_at"):
         boot["boot_done_at"] = time.time()
         _write(agent.dir / "boot.json", boot)
+        # Refresh the published view now, not at the next tick: the idle clock starts here.
+        _, st = agent.evaluate()
+        _write(agent.dir / "status.json", {"at": time.time(), **st})
     return {"boot_done_at": boot["boot_done_at"]}
 
 

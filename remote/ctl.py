@@ -20,29 +20,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ._files import pid_alive as _pid_alive
+from ._files import read_json as _read_json
+
 SERVER_DEPS = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "PIL", "safetensors", "blake3", "boto3")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def spawn_detached(argv: list[str], log_path: Path, cwd: Path) -> int:

@@ -71,3 +71,16 @@ def orch(orch_home, tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (rclone serve s3) with bucket `bkt`, in this test's environment."""
+    from .s3server import RcloneS3
+
+    server = RcloneS3(tmp_path / "s3-root")
+    server.make_bucket("bkt")
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    yield server
+    server.stop()

@@ -10,19 +10,9 @@ from PIL import Image
 
 from remote.server.demo_model import ensure_demo_model
 
-from .s3server import SECRET_KEY, RcloneS3
+from .s3server import SECRET_KEY
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    server = RcloneS3(tmp_path / "s3-root")
-    server.make_bucket("bkt")
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    yield server
-    server.stop()
 
 
 def test_up_pulls_the_model_on_the_instance_and_never_twice(s3, orch, orch_home, tmp_path):

@@ -16,19 +16,9 @@ import pytest
 from orchestrator.storage import hash_file
 from orchestrator.storage.stores import blob_key
 
-from .s3server import SECRET_KEY, RcloneS3
+from .s3server import SECRET_KEY
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    server = RcloneS3(tmp_path / "s3-root")
-    server.make_bucket("bkt")
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    yield server
-    server.stop()
 
 
 def _random_file(path: Path, size: int, seed: int = 0) -> Path:

@@ -174,6 +174,34 @@ class _PartFile:
         except OSError:
             pass
 
+    def fill(self, fetch: Callable[[int, int], bytes], progress: Progress, source: str, workers: int = WORKERS) -> int:
+        """Fetch every missing chunk (fetch(start, length) -> bytes), verify, move into place.
+
+        Returns the bytes fetched: fewer than the size when an earlier run left chunks done.
+        """
+        moved = 0
+        lock = threading.Lock()
+
+        def one(index: int) -> None:
+            nonlocal moved
+            start = index * self.chunk
+            data = fetch(start, min(self.chunk, self.size - start))
+            self.write(index, data)
+            with lock:
+                moved += len(data)
+            progress(len(data))
+
+        try:
+            if self.size == 0:
+                self.done.add(0)
+            else:
+                _run_parallel([lambda i=i: one(i) for i in self.chunks], workers)
+        except BaseException:
+            self.close()
+            raise
+        self.finish(source)
+        return moved
+
 
 def _run_parallel(tasks: list[Callable[[], None]], workers: int = WORKERS) -> None:
     """Run tasks on a pool; the first failure cancels the rest and is raised."""
@@ -242,24 +270,12 @@ class FileStore:
         src = self._blob(digest)
         if not src.exists():
             raise StorageError(f"blob {digest} is missing from {self.id}")
-        chunk = part_size_for(size)
-        part = _PartFile(dest, digest, size, chunk)
-        moved = 0
+        part = _PartFile(dest, digest, size, part_size_for(size))
+        fd = os.open(src, os.O_RDONLY)
         try:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                for index in part.chunks:
-                    data = os.pread(fd, chunk, index * chunk)
-                    part.write(index, data)
-                    moved += len(data)
-                    progress(len(data))
-            finally:
-                os.close(fd)
-        except BaseException:
-            part.close()
-            raise
-        part.finish(self.id)
-        return moved
+            return part.fill(lambda start, length: os.pread(fd, length, start), progress, self.id, workers=1)
+        finally:
+            os.close(fd)
 
     def read_manifest(self, prefix: str) -> dict[str, Any] | None:
         try:
@@ -452,32 +468,14 @@ class S3Store:
         # Smaller than upload parts: more requests in flight keep the pipe full.
         chunk = max(MIB, part_size_for(size) // 4)
         part = _PartFile(dest, digest, size, chunk)
-        moved = 0
-        moved_lock = threading.Lock()
 
-        def fetch(index: int) -> None:
-            nonlocal moved
-            start = index * chunk
-            end = min(size, start + chunk) - 1
-            kwargs = {"Range": f"bytes={start}-{end}"} if size > 0 else {}
-            r = self._call(f"download {dest.name}", self.client.get_object, Bucket=self.bucket, Key=key, **kwargs)
-            # Some servers (rclone) answer a ranged GET with 200: trust the body's length, not the status.
-            data = r["Body"].read()
-            part.write(index, data)
-            with moved_lock:
-                moved += len(data)
-            progress(len(data))
+        def fetch(start: int, length: int) -> bytes:
+            r = self._call(f"download {dest.name}", self.client.get_object, Bucket=self.bucket, Key=key,
+                           Range=f"bytes={start}-{start + length - 1}")
+            # Some servers (rclone) answer a ranged GET with 200: the body's length is checked, not the status.
+            return r["Body"].read()
 
-        try:
-            if size == 0:
-                part.done.add(0)
-            else:
-                _run_parallel([lambda i=i: fetch(i) for i in part.chunks])
-        except BaseException:
-            part.close()
-            raise
-        part.finish(self.id)
-        return moved
+        return part.fill(fetch, progress, self.id)
 
     # -- manifests -----------------------------------------------------------------------
 
