@@ -52,6 +52,8 @@ class SshHostSettings:
     python: str = "python3"
     # Where orch keeps its files on that host.
     workdir: str = "~/.orch-remote"
+    # What the host costs you (USD/h), so cost and --budget mean something; default 0.
+    price_per_hour: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def make_provider(name: str, settings: Settings, home: Path) -> Provider:
     if name == "ssh":
         from .ssh import SshHostProvider
 
-        return SshHostProvider(settings.ssh, known_hosts=home / "known_hosts", price_per_hour=settings.local.price_per_hour)
+        return SshHostProvider(settings.ssh, known_hosts=home / "known_hosts", price_per_hour=settings.ssh.price_per_hour)
     raise UnsupportedOperation(
         f"provider {name!r} is not available in this version of orch yet; available: {', '.join(IMPLEMENTED)}"
     )
