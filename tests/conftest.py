@@ -23,20 +23,24 @@ def orch_home(tmp_path, monkeypatch) -> Path:
 
 
 def _stop_everything(home: Path) -> None:
+    """Even when a test failed half-way: every orch process of this ORCH_HOME (CLI, tunnel),
+    then every process of its local instances."""
+    import psutil
+
     from orchestrator.providers.local import end_processes, instance_processes
 
+    mine = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get("ORCH_HOME") == str(home):
+                mine.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    end_processes(mine, grace_s=2)
     local = home / "local"
     if local.exists():
         for d in local.iterdir():
             end_processes(instance_processes(d.name), grace_s=5)
-    import psutil
-
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get("ORCH_HOME") == str(home) and "tunnel-daemon" in " ".join(p.cmdline()):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
 
 
 class OrchResult:

@@ -104,7 +104,7 @@ def test_laptop_killed_during_boot_is_stopped_after_heartbeat_timeout(orch_home,
     db_path = orch_home / "state.db"
     deadline = time.monotonic() + 60
     state = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         if db_path.exists():
             try:
                 row = sqlite3.connect(db_path).execute("SELECT state, instance_id FROM instances WHERE name = 'orphan'").fetchone()
@@ -114,9 +114,9 @@ def test_laptop_killed_during_boot_is_stopped_after_heartbeat_timeout(orch_home,
                 state, instance_id = row
                 break
         time.sleep(0.05)
-    assert state == "STARTING_SERVER"
     proc.send_signal(signal.SIGKILL)  # the laptop dies in the middle of boot
     proc.wait()
+    assert state == "STARTING_SERVER"
     killed_at = time.time()
     deadline = time.monotonic() + 30
     while instance_processes(instance_id) and time.monotonic() < deadline:
