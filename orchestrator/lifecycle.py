@@ -284,7 +284,6 @@ class Orchestrator:
 
     def _bring_up(self, record: InstanceRecord, opts: UpOptions, progress: Progress, phases: dict[str, float]) -> UpResult:
         name = record.name
-        provider = self.provider(record.provider)
         try:
             t0 = time.monotonic()
             self._move(name, WAITING_SSH)

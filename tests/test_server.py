@@ -167,7 +167,6 @@ def test_requests_are_recorded_for_the_agent(client):
 
 
 def test_engine_runs_user_jobs_before_background_warmup():
-    import threading
     import time as _time
 
     from remote.server.engine import Engine, Job
