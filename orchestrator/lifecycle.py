@@ -40,7 +40,7 @@ from .providers.base import (
     ProviderError,
     RemoteRuntime,
 )
-from .ssh import RemoteCommandFailed, SshError, SshSession, ensure_user_key, public_key_line, wait_for_ssh
+from .ssh import RemoteCommandFailed, SshError, SshSession, ensure_user_key, public_key_line, sh_path, wait_for_ssh
 from .state import InstanceRecord, State
 from .tunnel import Tunnel
 
@@ -350,9 +350,9 @@ class Orchestrator:
             progress(f"{record.name}: uploading orch's instance code")
             bundle, version = _remote_code_bundle()
             app = f"{runtime.home}/app"
-            check = session.run(f"cat {_rp(app)}/.version 2>/dev/null || true").stdout.strip()
+            check = session.run(f"cat {sh_path(app)}/.version 2>/dev/null || true").stdout.strip()
             if check != version:
-                session.run(f"sh -c {shlex.quote(f'rm -rf {_rp(app)} && mkdir -p {_rp(app)} && tar -xzf - -C {_rp(app)} && echo {version} > {_rp(app)}/.version')}", stdin=bundle)
+                session.run(f"sh -c {shlex.quote(f'rm -rf {sh_path(app)} && mkdir -p {sh_path(app)} && tar -xzf - -C {sh_path(app)} && echo {version} > {sh_path(app)}/.version')}", stdin=bundle)
         # Armed before anything slow. Where the startup script already armed it, this keeps its clocks.
         provider = self.provider(record.provider)
         config = self._agent_config(provider, record.name, record.price_per_hour, _deadlines_from(record.settings),
@@ -401,13 +401,13 @@ class Orchestrator:
     def _install_server_env(self, session: SshSession, record: InstanceRecord, runtime: RemoteRuntime) -> RemoteRuntime:
         venv = f"{runtime.home}/venv"
         reqs = " ".join(shlex.quote(r) for r in server_requirements())
-        script = (f"{shlex.quote(runtime.python)} -m venv --system-site-packages {_rp(venv)} && "
-                  f"{_rp(venv)}/bin/python -m pip install --quiet {reqs}")
+        script = (f"{shlex.quote(runtime.python)} -m venv --system-site-packages {sh_path(venv)} && "
+                  f"{sh_path(venv)}/bin/python -m pip install --quiet {reqs}")
         try:
             session.run(f"sh -c {shlex.quote(script)}", timeout=3600)
         except RemoteCommandFailed as e:
             raise LifecycleError(f"installing the server's packages on the instance failed: {e}") from None
-        python = session.run(f"sh -c {shlex.quote(f'cd {_rp(venv)} && pwd')}").stdout.strip() + "/bin/python"
+        python = session.run(f"sh -c {shlex.quote(f'cd {sh_path(venv)} && pwd')}").stdout.strip() + "/bin/python"
         settings = {**record.settings, "remote_python": python}
         self.state.update(record.name, settings=settings)
         runtime = RemoteRuntime(python=python, code_on_path=runtime.code_on_path, home=runtime.home, env=runtime.env)
@@ -426,7 +426,7 @@ class Orchestrator:
     @staticmethod
     def _startup_script(runtime: RemoteRuntime, agent_config: dict[str, Any]) -> str:
         """What the instance runs at boot, before anything slow: arm the agent."""
-        home = _rp(runtime.home)
+        home = sh_path(runtime.home)
         pythonpath = "" if runtime.code_on_path else f'export PYTHONPATH={home}/app"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
         return (
             "#!/bin/sh\n"
@@ -704,13 +704,14 @@ class Orchestrator:
         for record in records:
             record = self.reconcile(record)
             uptime = now - record.started_at if record.state == RUNNING and record.started_at else None
+            tunnel = self.tunnel_alive(record)  # a process lookup and a TCP connect: once per instance
             out.append({
                 "name": record.name,
                 "provider": record.provider,
                 "instance_id": record.instance_id,
                 "status": record.state,
-                "url": record.url if self.tunnel_alive(record) else None,
-                "tunnel": self.tunnel_alive(record),
+                "url": record.url if tunnel else None,
+                "tunnel": tunnel,
                 "gpu": record.gpu,
                 "region": record.region,
                 "price_per_hour": record.price_per_hour,
@@ -802,14 +803,8 @@ def save_images(images_b64: list[str], info: dict[str, Any], out_dir: Path) -> d
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _rp(path: str) -> str:
-    from .ssh import sh_path
-
-    return sh_path(path)
-
-
 def _sh_value(value: str) -> str:
-    return _rp(value) if value.startswith("~") else shlex.quote(value)
+    return sh_path(value) if value.startswith("~") else shlex.quote(value)
 
 
 def _b64json(data: dict[str, Any]) -> str:
