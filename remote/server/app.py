@@ -25,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import samplers
-from .pipelines import GenerationRequest, ModelManager, ModelNotFound
+from . import lora, samplers
+from .pipelines import GenerationRequest, ModelManager, ModelNotFound, RequestError
 
 log = logging.getLogger("orch.server")
 
@@ -265,7 +265,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def model_rows() -> list[dict[str, Any]]:
         return [
-            {"title": f"{e.name} [{e.short_hash}]", "model_name": e.name, "hash": e.short_hash, "sha256": None,
+            {"title": f"{e.name} [{e.short_hash}]", "model_name": e.model_name, "hash": e.short_hash, "sha256": None,
              "filename": str(e.path), "config": None}
             for e in models.list_models()
         ]
@@ -278,13 +278,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     def refresh_checkpoints() -> dict[str, Any]:
         return {"models": len(model_rows())}
 
-    def _files(sub: str, suffixes: tuple[str, ...]) -> list[Path]:
-        folder = config.models_dir / sub
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes) if folder.exists() else []
-
     @app.get("/sdapi/v1/sd-vae", dependencies=auth)
     def sd_vae() -> list[dict[str, Any]]:
-        return [{"model_name": p.stem, "filename": str(p)} for p in _files("VAE", (".safetensors", ".pt", ".ckpt"))]
+        return [{"model_name": p.name, "filename": str(p)} for p in models.vae_files()]
 
     @app.post("/sdapi/v1/refresh-vae", dependencies=auth)
     def refresh_vae() -> dict[str, Any]:
@@ -292,7 +288,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/loras", dependencies=auth)
     def loras() -> list[dict[str, Any]]:
-        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in _files("Lora", (".safetensors", ".pt"))]
+        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in models.loras.files()]
 
     @app.post("/sdapi/v1/refresh-loras", dependencies=auth)
     def refresh_loras() -> dict[str, Any]:
@@ -320,13 +316,26 @@ def create_app(config: ServerConfig) -> FastAPI:
     def set_options(body: dict[str, Any]) -> JSONResponse:
         # Clients post the whole dict back: unknown keys are kept, the checkpoint is switched.
         checkpoint = body.get("sd_model_checkpoint")
+        if "sd_vae" in body:
+            try:
+                models.find_vae(body["sd_vae"], None)
+            except RequestError as e:
+                return _error(422, str(e))
+        if "sd_checkpoints_limit" in body:
+            limit = body["sd_checkpoints_limit"]
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                return _error(422, f"sd_checkpoints_limit: must be a whole number >= 1 (got {limit!r})")
+            models.max_resident = limit
         if checkpoint:
             try:
                 entry = models.find(str(checkpoint))
             except ModelNotFound as e:
                 return _error(422, f"sd_model_checkpoint: {e}")
             if not models.current or models.current.entry.path != entry.path:
-                loaded = engine.call(lambda: models.load(entry.name))
+                try:
+                    loaded = engine.call(lambda: models.load(entry.name))
+                except RequestError as e:
+                    return _error(422, str(e))
                 status.update(model=loaded.entry.name, demo=loaded.entry.is_demo)
         options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
         return JSONResponse(None)
@@ -426,21 +435,26 @@ def create_app(config: ServerConfig) -> FastAPI:
             if getattr(body, field) > config.max_side:
                 return _error(422, f"{field}: {getattr(body, field)} is larger than this server allows ({config.max_side})")
         checkpoint = body.override_settings.get("sd_model_checkpoint")
+        vae = body.override_settings.get("sd_vae", options.get("sd_vae"))
         try:
             model_name = models.find(checkpoint).name if checkpoint else None
             spec, schedule = samplers.resolve(body.sampler_name or body.sampler_index, body.scheduler)
+            _, loras = lora.parse_prompt(body.prompt)
+            for name, _weight in loras:
+                models.loras.find(name)
+            models.find_vae(vae, None)
         except ModelNotFound as e:
             return _error(422, f"override_settings.sd_model_checkpoint: {e}")
-        except samplers.UnknownSampler as e:
+        except (samplers.UnknownSampler, lora.LoraError, RequestError) as e:
             return _error(422, str(e))
         req = GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale,
             width=body.width, height=body.height, seed=body.seed, batch_size=body.batch_size, n_iter=body.n_iter,
-            sampler_name=body.sampler_name or body.sampler_index, scheduler=body.scheduler,
+            sampler_name=body.sampler_name or body.sampler_index, scheduler=body.scheduler, loras=loras, vae=vae,
         )
         current = models.current
         key = (kind, model_name or (current.entry.name if current else None), req.width, req.height, req.steps, req.cfg_scale,
-               spec.name, schedule) if kind == "txt2img" else (kind, id(body))
+               spec.name, schedule, loras, vae) if kind == "txt2img" else (kind, id(body))
         job = Job(kind="txt2img" if kind == "txt2img" else "img2img", key=key, images=req.batch_size * req.n_iter,
                   payload={"request": req, "model": model_name, "kind": kind, "extra": extra})
         counters["requests_total"] += 1
@@ -448,6 +462,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             result = engine.submit(job).result()
             queued = job.started - job.enqueued
+        except RequestError as e:
+            counters["errors_total"] += 1
+            return _error(422, str(e))
         except Exception as e:
             counters["errors_total"] += 1
             if _is_out_of_memory(e):
@@ -488,7 +505,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "batch_size": req.batch_size,
             "n_iter": req.n_iter,
             "restore_faces": False,
-            "sd_model_name": result.model.name,
+            "sd_model_name": result.model.model_name,
             "sd_model_hash": result.model.short_hash,
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,

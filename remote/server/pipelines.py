@@ -1,8 +1,10 @@
-"""Models on the instance: find them, load them, generate with them.
+"""Models on the instance: find them, load them, keep several resident, generate with them.
 
-A model is a diffusers folder (with model_index.json) under the models directory. When
-there is none, the demo model (a tiny random-weight pipeline built locally) is served,
-and every answer says so. Loading never touches the network.
+A model is a diffusers folder (with model_index.json) or a single-file checkpoint
+(.safetensors / .ckpt, as A1111 users have them; see checkpoints.py) under the models
+directory. When there is none, the demo model (a tiny random-weight pipeline built
+locally) is served, and every answer says so. Loading never touches the network.
+Layout, as A1111's: models/Lora for LoRAs, models/VAE for VAE overrides.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections import OrderedDict
 from typing import Any
 
-from . import samplers
+from . import checkpoints, lora, samplers
 from .demo_model import DEMO_MODEL_NAME, ensure_demo_model
 
 log = logging.getLogger("orch.server")
@@ -28,8 +31,17 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 MAX_SEED = 2**32 - 1
 
 
+# Subfolders of the models directory that hold other things than checkpoints (A1111's layout).
+NOT_CHECKPOINTS = {"Lora", "LyCORIS", "VAE", "embeddings", "ControlNet", "hypernetworks", "ESRGAN"}
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
 class ModelNotFound(LookupError):
     pass
+
+
+class RequestError(ValueError):
+    """A request this server cannot serve as asked (answered 422, naming the field)."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +51,26 @@ class ModelEntry:
     is_demo: bool = False
 
     @property
+    def is_file(self) -> bool:
+        return self.path.suffix.lower() in checkpoints.CHECKPOINT_SUFFIXES
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.name).stem if self.is_file else self.name
+
+    @property
     def short_hash(self) -> str:
-        """A stable short id, like A1111's 10-hex model hash (here of the folder's index)."""
+        """A stable short id, like A1111's model hash (of a file: A1111's legacy hash; of a folder: its index)."""
+        if self.is_file:
+            return checkpoints.short_hash(self.path)
         index = self.path / "model_index.json"
         data = index.read_bytes() if index.exists() else str(self.path).encode()
         return hashlib.sha256(data).hexdigest()[:10]
+
+    def size_bytes(self) -> int:
+        if self.is_file:
+            return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.path.rglob("*.safetensors"))
 
 
 @dataclass
@@ -53,6 +80,16 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     device: str
     load_seconds: float
+    architecture: checkpoints.Architecture | None = None
+    builtin_vae: Any = None
+    vae_path: Path | None = None  # the override in use; None: the model's own VAE
+    vaes: dict[str, Any] = field(default_factory=dict)  # overrides loaded for this model, by path
+    lora: lora.LoraState = field(default_factory=lora.LoraState)
+    last_used: float = 0.0
+
+    @property
+    def inpainting(self) -> bool:
+        return int(self.pipeline.unet.config.in_channels) == 9
 
 
 @dataclass(frozen=True)
@@ -68,6 +105,8 @@ class GenerationRequest:
     n_iter: int = 1
     sampler_name: str | None = None
     scheduler: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # from the prompt's <lora:name:weight> tags
+    vae: str | None = None  # "Automatic", "None" or a file under models/VAE
 
 
 @dataclass
@@ -90,7 +129,8 @@ def pick_device() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
-def format_infotext(req: GenerationRequest, seed: int, sampler: str, schedule: str, model: ModelEntry) -> str:
+def format_infotext(req: GenerationRequest, seed: int, sampler: str, schedule: str, model: ModelEntry,
+                    vae: Path | None = None) -> str:
     """A1111's `parameters` text: prompt, negative prompt line, then 'Key: value' pairs."""
     lines = [req.prompt]
     if req.negative_prompt:
@@ -103,9 +143,13 @@ def format_infotext(req: GenerationRequest, seed: int, sampler: str, schedule: s
         ("Seed", seed),
         ("Size", f"{req.width}x{req.height}"),
         ("Model hash", model.short_hash),
-        ("Model", model.name),
-        ("Version", "orch"),
+        ("Model", model.model_name),
     ]
+    if vae is not None:
+        pairs.append(("VAE", vae.name))
+    if req.loras:
+        pairs.append(("Lora weights", '"' + ", ".join(f"{n}: {w:g}" for n, w in req.loras) + '"'))
+    pairs.append(("Version", "orch"))
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
     return "\n".join(lines)
 
@@ -113,25 +157,71 @@ def format_infotext(req: GenerationRequest, seed: int, sampler: str, schedule: s
 class ModelManager:
     """Finds and loads models. load() and generate() run on the engine's worker thread."""
 
-    def __init__(self, models_dir: Path, device: str | None = None, compile: bool | None = None):
+    def __init__(self, models_dir: Path, device: str | None = None, compile: bool | None = None,
+                 max_resident: int | None = None):
         self.models_dir = models_dir
+        self.config_cache = models_dir / ".orch-configs"
+        self.loras = lora.LoraLibrary(models_dir / "Lora")
         self._loaded: LoadedModel | None = None
+        self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._device = device
         env = os.environ.get("ORCH_COMPILE")
         self._compile = compile if compile is not None else (env != "0" if env is not None else None)
+        env_resident = os.environ.get("ORCH_RESIDENT_MODELS")
+        # How many models stay loaded at most; on a GPU fewer when memory runs short (A1111: sd_checkpoints_limit).
+        self.max_resident = max_resident or (int(env_resident) if env_resident else 3)
         self.load_times: dict[str, float] = {}
         self.compiling = False
 
     def list_models(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
-        if self.models_dir.exists():
-            for index in sorted(self.models_dir.glob("**/model_index.json")):
-                folder = index.parent
-                if any(part.startswith(".") for part in folder.relative_to(self.models_dir).parts):
-                    continue  # a model being written (temporary folder)
-                name = str(folder.relative_to(self.models_dir))
-                entries.append(ModelEntry(name=name, path=folder, is_demo=name == DEMO_MODEL_NAME))
+        if not self.models_dir.exists():
+            return entries
+        for index in sorted(self.models_dir.glob("**/model_index.json")):
+            folder = index.parent
+            if any(part.startswith(".") for part in folder.relative_to(self.models_dir).parts):
+                continue  # a model being written (temporary folder)
+            name = str(folder.relative_to(self.models_dir))
+            entries.append(ModelEntry(name=name, path=folder, is_demo=name == DEMO_MODEL_NAME))
+        folders = [e.path for e in entries]
+        for path in sorted(self.models_dir.rglob("*")):
+            if path.suffix.lower() not in checkpoints.CHECKPOINT_SUFFIXES or not path.is_file():
+                continue
+            rel = path.relative_to(self.models_dir)
+            if rel.parts[0] in NOT_CHECKPOINTS or any(p.startswith(".") for p in rel.parts) or path.name.endswith((".vae.safetensors", ".vae.pt")):
+                continue
+            if any(folder in path.parents for folder in folders):
+                continue  # a component of a diffusers folder
+            # A1111 keeps checkpoints in models/Stable-diffusion and names them from there.
+            name = str(rel.relative_to("Stable-diffusion")) if rel.parts[0] == "Stable-diffusion" and len(rel.parts) > 1 else str(rel)
+            entries.append(ModelEntry(name=name, path=path))
         return entries
+
+    def vae_files(self) -> list[Path]:
+        folder = self.models_dir / "VAE"
+        if not folder.exists():
+            return []
+        files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VAE_SUFFIXES]
+        folders = [p.parent for p in folder.rglob("config.json") if p.parent != folder]
+        return sorted(files + folders)
+
+    def find_vae(self, choice: str | None, entry: ModelEntry | None) -> Path | None:
+        """The VAE file for an sd_vae choice; None means the model's own. Unknown names are errors."""
+        if choice in (None, "", "Automatic"):
+            if entry is not None and entry.is_file:
+                for suffix in (".vae.safetensors", ".vae.pt"):
+                    sibling = entry.path.with_name(entry.path.stem + suffix)
+                    if sibling.exists():
+                        return sibling
+            return None
+        if choice == "None":
+            return None
+        for path in self.vae_files():
+            rel = str(path.relative_to(self.models_dir / "VAE"))
+            if choice in (path.name, path.stem, rel):
+                return path
+        valid = ", ".join(["Automatic", "None", *(p.name for p in self.vae_files())])
+        raise RequestError(f"sd_vae: unknown VAE {choice!r}; choose one of: {valid}")
 
     def default_entry(self) -> ModelEntry:
         real = [e for e in self.list_models() if not e.is_demo]
@@ -144,7 +234,7 @@ class ModelManager:
     def find(self, name: str) -> ModelEntry:
         wanted = name.split(" [")[0].strip()  # A1111 titles look like "name [hash]"
         for entry in self.list_models():
-            if entry.name == wanted or entry.path.name == wanted:
+            if wanted in (entry.name, entry.path.name, entry.model_name):
                 return entry
         if wanted == DEMO_MODEL_NAME:
             return ModelEntry(name=DEMO_MODEL_NAME, path=ensure_demo_model(self.models_dir), is_demo=True)
@@ -155,31 +245,105 @@ class ModelManager:
     def current(self) -> LoadedModel | None:
         return self._loaded
 
+    @property
+    def resident(self) -> list[LoadedModel]:
+        return list(self._resident.values())
+
     def load(self, name: str | None = None) -> LoadedModel:
         entry = self.find(name) if name else (self._loaded.entry if self._loaded else self.default_entry())
-        if self._loaded and self._loaded.entry.path == entry.path:
+        key = str(entry.path)
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            self._loaded = self._resident[key]
+            self._loaded.last_used = time.monotonic()
+            while len(self._resident) > max(1, self.max_resident):  # the limit may have been lowered
+                self._evict()
             return self._loaded
         import torch
-        from diffusers import DiffusionPipeline
 
         device, dtype = (self._device, torch.float16 if self._device == "cuda" else torch.float32) if self._device else pick_device()
+        self._make_room(entry, device)
         started = time.monotonic()
-        # The previous model goes first: two resident SDXLs may not fit.
-        self._loaded = None
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        pipe = DiffusionPipeline.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
+        architecture = None
+        if entry.is_file:
+            try:
+                pipe, architecture = checkpoints.load_single_file(entry.path, self.config_cache, dtype)
+            except checkpoints.UnsupportedCheckpoint as e:
+                raise RequestError(f"sd_model_checkpoint: {e}") from None
+        else:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
         if device == "cuda":
             self._optimize(pipe)
-        self._loaded = LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
-                                   load_seconds=time.monotonic() - started)
-        self.load_times[entry.name] = self._loaded.load_seconds
-        log.info("loaded %s on %s in %.1fs", entry.name, device, self._loaded.load_seconds)
-        return self._loaded
+        loaded = LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
+                             load_seconds=time.monotonic() - started, architecture=architecture, builtin_vae=pipe.vae,
+                             last_used=time.monotonic())
+        self._resident[key] = loaded
+        self._loaded = loaded
+        self.load_times[entry.name] = loaded.load_seconds
+        log.info("loaded %s on %s in %.1fs (%d resident)", entry.name, device, loaded.load_seconds, len(self._resident))
+        return loaded
+
+    def _make_room(self, entry: ModelEntry, device: str) -> None:
+        """Unload least recently used models: over the count limit, or (GPU) short of memory for this one."""
+        while self._resident and len(self._resident) >= max(1, self.max_resident):
+            self._evict()
+        if device != "cuda":
+            return
+        import torch
+
+        need = int(entry.size_bytes() * 1.1) + (3 << 30)  # weights + room to generate
+        while self._resident:
+            free, _ = torch.cuda.mem_get_info()
+            free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+            if free >= need:
+                break
+            self._evict()
+
+    def _evict(self) -> None:
+        import gc
+
+        key, old = self._resident.popitem(last=False)
+        if self._loaded is old:
+            self._loaded = None
+        log.info("unloading %s to make room", old.entry.name)
+        del old
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def use_vae(self, model: LoadedModel, choice: str | None) -> None:
+        """Put the chosen VAE into the model's pipeline (loaded once, kept with the model)."""
+        path = self.find_vae(choice, model.entry)
+        if path == model.vae_path:
+            return
+        if path is None:
+            vae = model.builtin_vae
+        else:
+            vae = model.vaes.get(str(path))
+            if vae is None:
+                started = time.monotonic()
+                try:
+                    vae = checkpoints.load_vae_file(path, model.builtin_vae.config, self.config_cache, model.builtin_vae.dtype)
+                except Exception as e:
+                    raise RequestError(f"sd_vae: {path.name} could not be loaded as this model's VAE ({type(e).__name__}: {e})") from None
+                vae.to(model.device)
+                if model.device == "cuda":
+                    self._optimize_vae(vae)
+                model.vaes[str(path)] = vae
+                log.info("loaded VAE %s in %.1fs", path.name, time.monotonic() - started)
+        model.pipeline.vae = vae
+        model.vae_path = path
 
     def _optimize(self, pipe) -> None:
         """fp16 + SDPA are already on; add channels_last, fused QKV and torch.compile."""
@@ -187,7 +351,6 @@ class ModelManager:
 
         torch.backends.cudnn.benchmark = True
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
         try:
             pipe.fuse_qkv_projections()
         except Exception as e:  # not every pipeline or attention processor supports it
@@ -198,7 +361,14 @@ class ModelManager:
             # reduce-overhead: CUDA graphs remove the per-kernel launch cost that dominates
             # SD at batch 1. (max-autotune compiled for minutes without finishing.)
             pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead")
+        self._optimize_vae(pipe.vae)
+
+    def _optimize_vae(self, vae) -> None:
+        import torch
+
+        vae.to(memory_format=torch.channels_last)
+        if self._compile is not False:
+            vae.decode = torch.compile(vae.decode, mode="reduce-overhead")
 
     def warm_up(self, sizes: list[tuple[int, int]], batches: list[int]) -> float:
         """Run each (size, batch) once so compiling happens at boot, not on a user's request."""
@@ -254,15 +424,26 @@ class ModelManager:
                        kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[GenerationResult]:
         """Several compatible requests as few pipeline calls as possible (at most max_batch images each)."""
         model = self.load(model_name)
+        model.last_used = time.monotonic()
         head = requests[0]
+        if model.inpainting and kind != "inpaint":
+            raise RequestError(f"sd_model_checkpoint: {model.entry.name} is an inpainting model: use img2img with a mask, "
+                               "or choose another model")
         spec, schedule = samplers.resolve(head.sampler_name, head.scheduler)
+        # Requests in one batch share these (the engine's batch key includes them).
+        self.use_vae(model, head.vae)
+        try:
+            lora.apply(model.pipeline, model.lora, self.loras, head.loras)
+        except lora.LoraError as e:
+            raise RequestError(str(e)) from None
         per_request_seeds = []
         flat: list[tuple[int, str, str, int]] = []
         for r_index, req in enumerate(requests):
             first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
             seeds = [(first + i) % (MAX_SEED + 1) for i in range(req.batch_size * req.n_iter)]
             per_request_seeds.append(seeds)
-            flat.extend((r_index, req.prompt, req.negative_prompt, s) for s in seeds)
+            prompt = lora.parse_prompt(req.prompt)[0] if req.loras or "<lora:" in req.prompt else req.prompt
+            flat.extend((r_index, prompt, req.negative_prompt, s) for s in seeds)
         max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
         pad_to = getattr(engine, "pad_to", None) if engine is not None else None
         started = time.monotonic()
@@ -280,7 +461,7 @@ class ModelManager:
         for req, seeds in zip(requests, per_request_seeds):
             mine = images[cursor : cursor + len(seeds)]
             cursor += len(seeds)
-            infotexts = [format_infotext(req, s, spec.name, schedule, model.entry) for s in seeds]
+            infotexts = [format_infotext(req, s, spec.name, schedule, model.entry, model.vae_path) for s in seeds]
             results.append(GenerationResult(images=mine, seeds=seeds, infotexts=infotexts, sampler_name=spec.name,
                                             schedule=schedule, model=model.entry, seconds=seconds,
                                             extra={"batch_images": len(flat)}))
