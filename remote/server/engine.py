@@ -64,7 +64,7 @@ class Engine:
     """Runs jobs on one worker thread; batches compatible txt2img jobs up to max_batch images."""
 
     def __init__(self, execute_batch: Callable[[list[Job], "Engine"], list[Any]], max_batch: int = 8, window_s: float = 0.005,
-                 gather_s: float = 0.05):
+                 gather_s: float = 0.1):
         self._execute_batch = execute_batch
         self.max_batch = max_batch
         self.window_s = window_s
