@@ -73,6 +73,16 @@ class Server:
             time.sleep(0.2)
         raise SystemExit("server not ready in time:\n" + (self.home / f"server-{self.port}.log").read_text()[-4000:])
 
+    def wait_compiled(self, timeout: float) -> dict:
+        """Until the compiled model serves (the server answers uncompiled before that)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = httpx.get(f"{self.base}/healthz", timeout=5).json()
+            if h.get("compiled") in (None, "done", "failed"):
+                return h
+            time.sleep(0.2)
+        raise SystemExit("not compiled in time")
+
     def txt2img(self, body: dict) -> dict:
         r = self.client.post(f"{self.base}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         r.raise_for_status()
@@ -84,6 +94,22 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def start(server: Server, label: str, body: dict, results: dict) -> None:
+    """Server start -> first image (served uncompiled while compiling) -> compiled model serving."""
+    health = server.wait_ready(1800)
+    server.txt2img(body)
+    results[f"{label}_start_to_first_image_s"] = time.monotonic() - server.started
+    health = server.wait_compiled(1800)
+    results[f"{label}_start_to_compiled_s"] = time.monotonic() - server.started
+    t = time.perf_counter()
+    server.txt2img(body)
+    results[f"{label}_first_compiled_image_s"] = time.perf_counter() - t
+    results[f"{label}_health"] = health
+    log(f"{label} start: first image {results[f'{label}_start_to_first_image_s']:.1f}s, compiled model serving at "
+        f"{results[f'{label}_start_to_compiled_s']:.1f}s (imports {health.get('import_seconds')}s, "
+        f"load {health.get('load_seconds')}s, compile {health.get('compile_seconds') or health.get('warmup_seconds')}s)")
 
 
 def main() -> None:
@@ -159,13 +185,7 @@ def main() -> None:
     body = {"prompt": "a cat on a castle", "steps": steps, "width": side, "height": side, "cfg_scale": 7.0,
             "sampler_name": "Euler", "seed": 1}
     server = Server(home, env)
-    health = server.wait_ready(1800)
-    ready_at = time.monotonic()
-    server.txt2img(body)
-    results["cold_start_to_first_image_s"] = time.monotonic() - server.started
-    results["cold_ready_to_first_image_s"] = time.monotonic() - ready_at
-    results["cold_warmup_s"] = health.get("warmup_seconds")
-    log(f"cold start to first image: {results['cold_start_to_first_image_s']:.1f}s (warm-up {health.get('warmup_seconds')}s)")
+    start(server, "cold", body, results)
 
     seq, inside, queued, encoded = [], [], [], []
     for i in range(n_requests):
@@ -218,17 +238,16 @@ def main() -> None:
         log(f"{clients} clients: {results['images_per_s_8_clients']:.2f} images/s ({len(errors)} errors)")
     server.stop()
 
-    # 4. Warm compile cache: the same instance disk, the server started again.
+    # 4. Warm compile cache: the same instance disk, the server started again; then once more
+    #    compiling before "ready" (ORCH_EAGER_FIRST=0), the way it worked before.
     if not args.skip_warm:
         server = Server(home, env)
-        health = server.wait_ready(1800)
-        ready_at = time.monotonic()
-        server.txt2img(body)
-        results["warm_start_to_first_image_s"] = time.monotonic() - server.started
-        results["warm_ready_to_first_image_s"] = time.monotonic() - ready_at
-        results["warm_health"] = health
-        log(f"warm start to first image: {results['warm_start_to_first_image_s']:.1f}s")
+        start(server, "warm", body, results)
         server.stop()
+        if cuda:
+            server = Server(home, {**env, "ORCH_EAGER_FIRST": "0"})
+            start(server, "warm_compile_first", body, results)
+            server.stop()
 
     print()
     print(f"{results['device']}, {results['arch']} {side}x{side}, {steps} steps, CFG 7, batch 1")
@@ -242,8 +261,13 @@ def main() -> None:
         print(f"{'orch images/s, one request of batch 8':<40}{8 / results['server_batch8_s']:>10.2f}")
     print(f"{'plain images/s, one at a time':<40}{1 / results['plain_s_per_image']:>10.2f}")
     print(f"{'cold start -> first image (s)':<40}{results['cold_start_to_first_image_s']:>10.1f}")
+    if "cold_start_to_compiled_s" in results:
+        print(f"{'cold start -> compiled model serving (s)':<40}{results['cold_start_to_compiled_s']:>10.1f}")
     if "warm_start_to_first_image_s" in results:
         print(f"{'warm start -> first image (s)':<40}{results['warm_start_to_first_image_s']:>10.1f}")
+        print(f"{'warm start -> compiled model serving (s)':<40}{results.get('warm_start_to_compiled_s', 0):>10.1f}")
+    if "warm_compile_first_start_to_first_image_s" in results:
+        print(f"{'warm, compile before ready -> 1st image':<40}{results['warm_compile_first_start_to_first_image_s']:>10.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         logs = "\n".join(p.read_text(errors="replace")[-6000:] for p in sorted(home.glob("server-*.log")))

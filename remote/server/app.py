@@ -177,19 +177,31 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def load_default() -> None:
         try:
+            t_import = time.monotonic()
+            import diffusers  # noqa: F401  (with torch: most of a start-up; measured apart)
+
+            status["import_seconds"] = round(time.monotonic() - t_import, 3)
             loaded = engine.call(models.load)
             status.update(status="warming-up", model=loaded.entry.name, demo=loaded.entry.is_demo, device=loaded.device,
                           load_seconds=round(loaded.load_seconds, 3))
             sizes, batches = _warmup_plan(loaded)
-            if sizes and models.compiling:
+            shapes = [(size, b) for size in sizes for b in batches]
+            compile_now = bool(shapes) and models.compile_enabled(loaded)
+            if compile_now and os.environ.get("ORCH_EAGER_FIRST", "1") != "0":
+                serve_while_compiling(loaded, shapes, batches)
+                return
+            parts = models.compile_parts(loaded) if compile_now else None
+            if parts is not None:
                 engine.set_batch_sizes(batches)
-            if sizes:
-                # The first size at the first batch size before "ready"; the rest warm up behind
-                # it on the worker, so the first user waits for one compile, not all of them.
+                engine.call(lambda: models.use_compiled(loaded, parts))
+                status["compiled"] = "done"
+            if shapes:
+                # The first shape before "ready"; the rest warm up behind it on the worker,
+                # so the first user waits for one compile, not all of them.
                 status["warmup_seconds"] = round(engine.call(lambda: models.warm_up(sizes[:1], batches[:1])), 3)
             status["status"] = "ready"
             status["ready_seconds"] = round(time.monotonic() - started, 3)
-            rest = [(size, b) for size in sizes for b in batches if (size, b) != (sizes[0], batches[0])] if sizes else []
+            rest = shapes[1:]
             if rest:
                 # One background job per shape: a user request waits for at most one of them.
                 status["background_warmup"] = "running"
@@ -205,6 +217,28 @@ def create_app(config: ServerConfig) -> FastAPI:
         except Exception as e:  # reported by /healthz; the process stays up to say why
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
+
+    def serve_while_compiling(loaded, shapes, batches) -> None:
+        """Ready at once with the uncompiled model; compile and warm up here; swap in when all shapes are done."""
+        status.update(status="ready", ready_seconds=round(time.monotonic() - started, 3), compiled="compiling")
+        t_compile = time.monotonic()
+        try:
+            parts = models.compile_parts(loaded)
+            for size, b in shapes:
+                models.warm_up([size], [b], parts=parts, model=loaded)
+        except Exception as e:  # the uncompiled model keeps serving
+            log.exception("compiling failed; serving uncompiled")
+            status.update(compiled="failed", compile_error=f"{type(e).__name__}: {e}")
+            return
+
+        def swap() -> None:
+            models.use_compiled(loaded, parts)
+            engine.set_batch_sizes(batches)
+
+        engine.call(swap)
+        status.update(compiled="done", compile_seconds=round(time.monotonic() - t_compile, 3),
+                      compiled_seconds=round(time.monotonic() - started, 3))
+        log.info("compiled %d shapes in %.1fs; serving compiled", len(shapes), time.monotonic() - t_compile)
 
     @app.on_event("startup")
     def _start_loading() -> None:

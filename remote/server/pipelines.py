@@ -86,10 +86,19 @@ class LoadedModel:
     vaes: dict[str, Any] = field(default_factory=dict)  # overrides loaded for this model, by path
     lora: lora.LoraState = field(default_factory=lora.LoraState)
     last_used: float = 0.0
+    compiled: bool = False  # the pipeline runs the compiled UNet and VAE decoder
 
     @property
     def inpainting(self) -> bool:
         return int(self.pipeline.unet.config.in_channels) == 9
+
+
+@dataclass
+class CompiledParts:
+    """torch.compile'd stand-ins for a model's UNet and VAE: warmed up first, then swapped in."""
+
+    unet: Any
+    vae: Any  # a shallow copy of the model's VAE (same weights) whose decode is compiled
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,6 @@ class ModelManager:
         # How many models stay loaded at most; on a GPU fewer when memory runs short (A1111: sd_checkpoints_limit).
         self.max_resident = max_resident or (int(env_resident) if env_resident else 3)
         self.load_times: dict[str, float] = {}
-        self.compiling = False
 
     def list_models(self) -> list[ModelEntry]:
         entries: list[ModelEntry] = []
@@ -339,53 +347,83 @@ class ModelManager:
                     raise RequestError(f"sd_vae: {path.name} could not be loaded as this model's VAE ({type(e).__name__}: {e})") from None
                 vae.to(model.device)
                 if model.device == "cuda":
-                    self._optimize_vae(vae)
+                    vae.to(memory_format=__import__("torch").channels_last)
+                if model.compiled:
+                    vae.decode = self._compile_fn(vae.decode)  # compiles at its first use
                 model.vaes[str(path)] = vae
                 log.info("loaded VAE %s in %.1fs", path.name, time.monotonic() - started)
         model.pipeline.vae = vae
         model.vae_path = path
 
     def _optimize(self, pipe) -> None:
-        """fp16 + SDPA are already on; add channels_last, fused QKV and torch.compile."""
+        """fp16 + SDPA are already on; add channels_last and fused QKV (compiling comes later)."""
         import torch
 
         torch.backends.cudnn.benchmark = True
         pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
         try:
             pipe.fuse_qkv_projections()
         except Exception as e:  # not every pipeline or attention processor supports it
             log.info("fused QKV not available: %s", e)
-        if self._compile is not False:
-            self.compiling = True
-            torch._inductor.config.conv_1x1_as_mm = True
-            # reduce-overhead: CUDA graphs remove the per-kernel launch cost that dominates
-            # SD at batch 1. (max-autotune compiled for minutes without finishing.)
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
-        self._optimize_vae(pipe.vae)
 
-    def _optimize_vae(self, vae) -> None:
+    # -- torch.compile ---------------------------------------------------------------------
+    #
+    # reduce-overhead: CUDA graphs remove the per-kernel launch cost that dominates SD at
+    # batch 1 (max-autotune compiled for minutes without finishing). Compiling (or, with a
+    # warm cache, re-tracing) takes from 15 s to minutes, so the compiled parts are warmed
+    # up on their own thread while the worker serves with the uncompiled model, and swapped
+    # in when every configured shape is ready. CUDA graph capture is thread-local in
+    # PyTorch's cudagraph trees, so the two threads do not disturb each other.
+
+    def compile_enabled(self, model: LoadedModel) -> bool:
+        return self._compile is True or (self._compile is None and model.device == "cuda")
+
+    def _compile_fn(self, fn):
         import torch
 
-        vae.to(memory_format=torch.channels_last)
-        if self._compile is not False:
-            vae.decode = torch.compile(vae.decode, mode="reduce-overhead")
+        backend = os.environ.get("ORCH_COMPILE_BACKEND", "inductor")  # tests use "eager": Dynamo without codegen
+        if backend == "inductor":
+            import torch._inductor.config as inductor_config
 
-    def warm_up(self, sizes: list[tuple[int, int]], batches: list[int]) -> float:
+            inductor_config.conv_1x1_as_mm = True
+            return torch.compile(fn, mode="reduce-overhead")
+        return torch.compile(fn, backend=backend)
+
+    def compile_parts(self, model: LoadedModel) -> CompiledParts:
+        import copy
+
+        vae = copy.copy(model.builtin_vae)  # shares parameters and submodules; only decode differs
+        vae.decode = self._compile_fn(vae.decode)
+        return CompiledParts(unet=self._compile_fn(model.pipeline.unet), vae=vae)
+
+    def use_compiled(self, model: LoadedModel, parts: CompiledParts) -> None:
+        """Swap the warmed-up compiled parts in (on the worker thread, between batches)."""
+        model.pipeline.unet = parts.unet
+        if model.pipeline.vae is model.builtin_vae:
+            model.pipeline.vae = parts.vae
+        model.builtin_vae = parts.vae
+        model.compiled = True
+
+    def warm_up(self, sizes: list[tuple[int, int]], batches: list[int], parts: CompiledParts | None = None,
+                model: LoadedModel | None = None) -> float:
         """Run each (size, batch) once so compiling happens at boot, not on a user's request."""
         started = time.monotonic()
-        model = self._loaded or self.load()
+        model = model or self._loaded or self.load()
         for width, height in sizes:
             for batch in batches:
                 self._run(model, GenerationRequest(prompt="warm-up", steps=2, width=width, height=height, batch_size=batch),
-                          ["warm-up"] * batch, [""] * batch, list(range(batch)), None)
+                          ["warm-up"] * batch, [""] * batch, list(range(batch)), None, parts=parts)
         return time.monotonic() - started
 
-    def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
+    def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img", parts: CompiledParts | None = None):
         """The model's components with a fresh scheduler: shared weights, private sampler state."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule)
         base = model.pipeline
+        if parts is not None:  # the compiled parts' warm-up, beside the serving pipeline
+            return base.__class__(**{**base.components, "scheduler": scheduler, "unet": parts.unet, "vae": parts.vae})
         if kind == "txt2img":
             pipe = base.__class__(**{**base.components, "scheduler": scheduler})
         elif kind == "img2img":
@@ -396,11 +434,11 @@ class ModelManager:
         return pipe
 
     def _run(self, model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
-             engine, kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[Any]:
+             engine, kind: str = "txt2img", extra: dict[str, Any] | None = None, parts: CompiledParts | None = None) -> list[Any]:
         import torch
 
         spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
-        pipe = self._pipeline_for(model, spec, schedule, kind)
+        pipe = self._pipeline_for(model, spec, schedule, kind, parts)
         steps = req.steps
 
         def on_step(p, i, t, kwargs):
