@@ -85,7 +85,9 @@ class Server:
 
     def txt2img(self, body: dict) -> dict:
         r = self.client.post(f"{self.base}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
-        r.raise_for_status()
+        if r.status_code != 200:
+            log_tail = (self.home / f"server-{self.port}.log").read_text(errors="replace")[-6000:]
+            raise SystemExit(f"txt2img answered {r.status_code}: {r.text[:2000]}\n--- server log ---\n{log_tail}")
         return r.json()
 
     def stop(self) -> None:

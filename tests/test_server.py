@@ -223,7 +223,7 @@ def test_first_request_after_ready_is_not_stuck_behind_background_warmup(tmp_pat
 
 
 def test_serves_uncompiled_while_compiling_then_swaps_in_the_compiled_model(tmp_path, monkeypatch):
-    """Ready right after loading; the compile runs on its own thread; same images after the swap."""
+    """Ready right after loading; served uncompiled while the worker compiles; same images after the swap."""
     import threading
     import time as _time
 
@@ -263,7 +263,8 @@ def test_serves_uncompiled_while_compiling_then_swaps_in_the_compiled_model(tmp_
         assert health["compiled"] == "done" and health["compile_seconds"] > 0
         model = app.state.models.current
         assert model.compiled and hasattr(model.pipeline.unet, "_orig_mod")
-        assert compile_threads and all(name == "model-load" for name in compile_threads), "compiled off the GPU worker"
+        # CUDA graphs belong to the thread that records them: the worker compiles, a stand-in served meanwhile.
+        assert compile_threads and all(name == "gpu-worker" for name in compile_threads)
         after = c.post("/sdapi/v1/txt2img", json=small(seed=9, batch_size=2), headers=auth)
         assert after.status_code == 200
         assert after.json()["images"][0] == before.json()["images"][0], "the compiled model draws the same image"

@@ -219,23 +219,23 @@ def create_app(config: ServerConfig) -> FastAPI:
             status.update(status="error", error=f"{type(e).__name__}: {e}")
 
     def serve_while_compiling(loaded, shapes, batches) -> None:
-        """Ready at once with the uncompiled model; compile and warm up here; swap in when all shapes are done."""
+        """Ready at once with the uncompiled model; compile on the worker while a stand-in serves; then compiled."""
         status.update(status="ready", ready_seconds=round(time.monotonic() - started, 3), compiled="compiling")
         t_compile = time.monotonic()
-        try:
+
+        def compile_and_swap() -> None:
             parts = models.compile_parts(loaded)
             for size, b in shapes:
                 models.warm_up([size], [b], parts=parts, model=loaded)
+            models.use_compiled(loaded, parts)
+            engine.set_batch_sizes(batches)
+
+        try:
+            engine.call_while_serving(compile_and_swap)
         except Exception as e:  # the uncompiled model keeps serving
             log.exception("compiling failed; serving uncompiled")
             status.update(compiled="failed", compile_error=f"{type(e).__name__}: {e}")
             return
-
-        def swap() -> None:
-            models.use_compiled(loaded, parts)
-            engine.set_batch_sizes(batches)
-
-        engine.call(swap)
         status.update(compiled="done", compile_seconds=round(time.monotonic() - t_compile, 3),
                       compiled_seconds=round(time.monotonic() - started, 3))
         log.info("compiled %d shapes in %.1fs; serving compiled", len(shapes), time.monotonic() - t_compile)
