@@ -235,11 +235,11 @@ def test_serves_uncompiled_while_compiling_then_swaps_in_the_compiled_model(tmp_
     user_served = threading.Event()
     compile_threads: list[str] = []
 
-    def held_until_a_user_was_served(self, sizes, batches, parts=None, model=None):
+    def held_until_a_user_was_served(self, sizes, batches, parts=None, model=None, steps=2):
         if parts is not None:
             compile_threads.append(threading.current_thread().name)
             assert user_served.wait(60), "no user request was served while compiling"
-        return real(self, sizes, batches, parts=parts, model=model)
+        return real(self, sizes, batches, parts=parts, model=model, steps=steps)
 
     monkeypatch.setattr(ModelManager, "warm_up", held_until_a_user_was_served)
     monkeypatch.setenv("ORCH_COMPILE", "1")

@@ -223,9 +223,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         status.update(status="ready", ready_seconds=round(time.monotonic() - started, 3), compiled="compiling")
         t_compile = time.monotonic()
 
-        def compile_and_swap() -> None:
+        def compile_and_swap(pause_stand_in) -> None:
             parts = models.compile_parts(loaded)
+            # One UNet and one VAE call per shape: compiles (the long part) and runs the
+            # cudagraph trees' warm-up pass, which captures nothing, beside the stand-in.
             for size, b in shapes:
+                models.warm_up([size], [b], parts=parts, model=loaded, steps=1)
+            pause_stand_in()
+            for size, b in shapes:  # now the CUDA graphs are captured, with the GPU to ourselves
                 models.warm_up([size], [b], parts=parts, model=loaded)
             models.use_compiled(loaded, parts)
             engine.set_batch_sizes(batches)

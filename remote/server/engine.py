@@ -105,23 +105,30 @@ class Engine:
         self._queue.put(job)
         return job.future
 
-    def call_while_serving(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the worker thread while a stand-in thread serves the queue; wait for it.
+    def call_while_serving(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
+        """Run fn(pause) on the worker thread while a stand-in thread serves the queue; wait for it.
 
         For compiling: CUDA graphs belong to the thread that records them (PyTorch's
         cudagraph trees are thread-local), so the compile and warm-up run on the worker,
         which serves compiled afterwards; the stand-in serves uncompiled in the meantime.
+        fn calls pause() before capturing CUDA graphs: a capture fails if another thread
+        uses the GPU meanwhile (seen on an H100: "operation not permitted when stream is
+        capturing"). pause() lets the stand-in finish its batch in flight, then stops it.
         """
 
         def run(jobs: list[Job]) -> list[Any]:
             stop = threading.Event()
             stand_in = threading.Thread(target=self._serve, args=(stop,), name="gpu-stand-in", daemon=True)
+
+            def pause() -> None:
+                stop.set()
+                stand_in.join()
+
             stand_in.start()
             try:
-                return [fn()]
+                return [fn(pause)]
             finally:
-                stop.set()
-                stand_in.join()  # its batch in flight finishes first
+                pause()
 
         return self.submit(Job(kind="call", key=("call", id(fn)), images=0, run=run)).result()
 

@@ -406,13 +406,13 @@ class ModelManager:
         model.compiled = True
 
     def warm_up(self, sizes: list[tuple[int, int]], batches: list[int], parts: CompiledParts | None = None,
-                model: LoadedModel | None = None) -> float:
+                model: LoadedModel | None = None, steps: int = 2) -> float:
         """Run each (size, batch) once so compiling happens at boot, not on a user's request."""
         started = time.monotonic()
         model = model or self._loaded or self.load()
         for width, height in sizes:
             for batch in batches:
-                self._run(model, GenerationRequest(prompt="warm-up", steps=2, width=width, height=height, batch_size=batch),
+                self._run(model, GenerationRequest(prompt="warm-up", steps=steps, width=width, height=height, batch_size=batch),
                           ["warm-up"] * batch, [""] * batch, list(range(batch)), None, parts=parts)
         return time.monotonic() - started
 
