@@ -243,6 +243,7 @@ def test_serves_uncompiled_while_compiling_then_swaps_in_the_compiled_model(tmp_
 
     monkeypatch.setattr(ModelManager, "warm_up", held_until_a_user_was_served)
     monkeypatch.setenv("ORCH_COMPILE", "1")
+    monkeypatch.setenv("ORCH_EAGER_FIRST", "1")  # "auto" does this only with a cold compile cache
     monkeypatch.setenv("ORCH_COMPILE_BACKEND", "eager")  # Dynamo traces for real; no code generation on the CPU
     monkeypatch.setenv("ORCH_WARMUP", "64x64:1,2")
     torch._dynamo.reset()

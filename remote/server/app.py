@@ -187,7 +187,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             sizes, batches = _warmup_plan(loaded)
             shapes = [(size, b) for size in sizes for b in batches]
             compile_now = bool(shapes) and models.compile_enabled(loaded)
-            if compile_now and os.environ.get("ORCH_EAGER_FIRST", "1") != "0":
+            if compile_now and _serve_before_compiling(os.environ.get("ORCH_EAGER_FIRST", "auto")):
                 serve_while_compiling(loaded, shapes, batches)
                 return
             parts = models.compile_parts(loaded) if compile_now else None
@@ -605,6 +605,20 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.build_middleware_stack = build_stack  # type: ignore[method-assign]
     return app
+
+
+def _serve_before_compiling(setting: str) -> bool:
+    """Serve uncompiled while compiling? Measured on an H100 (SD1.5): it pays off only with a cold
+    compile cache (first image 65 s instead of 115 s); with a warm one, compiling first was
+    faster (37 s vs 40 s): the uncompiled model's thousands of small launches wait for the GIL
+    held by the compiling thread."""
+    if setting in ("0", "1"):
+        return setting == "1"
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache:
+        return False
+    fx = Path(cache) / "fxgraph"
+    return not (fx.exists() and any(fx.iterdir()))
 
 
 def _warmup_plan(loaded) -> tuple[list[tuple[int, int]], list[int]]:

@@ -64,12 +64,13 @@ class Engine:
     """Runs jobs on one worker thread; batches compatible txt2img jobs up to max_batch images."""
 
     def __init__(self, execute_batch: Callable[[list[Job], "Engine"], list[Any]], max_batch: int = 8, window_s: float = 0.005,
-                 gather_s: float = 0.1):
+                 gather_s: float = 0.3):
         self._execute_batch = execute_batch
         self.max_batch = max_batch
         self.window_s = window_s
         self.gather_s = gather_s
         self._last_batch_jobs = 0
+        self._last_batch_end = 0.0
         self.pad_to: int | None = None  # the batch size the current batch is padded to
         self.idle_before_background_s = 2.0
         self._last_user_done = 0.0
@@ -167,9 +168,11 @@ class Engine:
         # first): wait a little longer for as many, rather than run a batch of one.
         expected = min(self._last_batch_jobs, self.max_batch)
         now = time.monotonic()
-        # Alone lately: run at once (no added latency). Several lately: gather a moment.
+        # Alone lately: run at once (no added latency). Several lately: gather a moment,
+        # counted from the end of the last batch: its clients come back one by one, each
+        # after encoding and receiving its PNGs (8 HTTP threads share one GIL for that).
         deadline = now + (self.window_s if expected > 1 else 0.0)
-        gather_deadline = now + self.gather_s
+        gather_deadline = max(deadline, self._last_batch_end + self.gather_s)
         while True:
             limit = gather_deadline if len(self._pending) < expected else deadline
             timeout = limit - time.monotonic()
@@ -242,6 +245,7 @@ class Engine:
                         job.future.set_exception(e)
             finally:
                 self.busy = False
+                self._last_batch_end = time.monotonic()
                 self.progress.sampling_step = self.progress.sampling_steps
                 if not batch[0].background:
                     self._last_user_done = time.monotonic()
