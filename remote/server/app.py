@@ -186,10 +186,10 @@ def create_app(config: ServerConfig) -> FastAPI:
                           load_seconds=round(loaded.load_seconds, 3))
             sizes, batches = _warmup_plan(loaded)
             shapes = [(size, b) for size in sizes for b in batches]
+            # Compiled before "ready", on the worker. (Serving uncompiled meanwhile was tried on
+            # an H100: the uncompiled model crawled behind the compiling thread's GIL, and
+            # Inductor's FX tracing patches nn.Module calls process-wide, which broke it.)
             compile_now = bool(shapes) and models.compile_enabled(loaded)
-            if compile_now and _serve_before_compiling(os.environ.get("ORCH_EAGER_FIRST", "auto")):
-                serve_while_compiling(loaded, shapes, batches)
-                return
             parts = models.compile_parts(loaded) if compile_now else None
             if parts is not None:
                 engine.set_batch_sizes(batches)
@@ -217,33 +217,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         except Exception as e:  # reported by /healthz; the process stays up to say why
             log.exception("model load failed")
             status.update(status="error", error=f"{type(e).__name__}: {e}")
-
-    def serve_while_compiling(loaded, shapes, batches) -> None:
-        """Ready at once with the uncompiled model; compile on the worker while a stand-in serves; then compiled."""
-        status.update(status="ready", ready_seconds=round(time.monotonic() - started, 3), compiled="compiling")
-        t_compile = time.monotonic()
-
-        def compile_and_swap(pause_stand_in) -> None:
-            parts = models.compile_parts(loaded)
-            # One UNet and one VAE call per shape: compiles (the long part) and runs the
-            # cudagraph trees' warm-up pass, which captures nothing, beside the stand-in.
-            for size, b in shapes:
-                models.warm_up([size], [b], parts=parts, model=loaded, steps=1)
-            pause_stand_in()
-            for size, b in shapes:  # now the CUDA graphs are captured, with the GPU to ourselves
-                models.warm_up([size], [b], parts=parts, model=loaded)
-            models.use_compiled(loaded, parts)
-            engine.set_batch_sizes(batches)
-
-        try:
-            engine.call_while_serving(compile_and_swap)
-        except Exception as e:  # the uncompiled model keeps serving
-            log.exception("compiling failed; serving uncompiled")
-            status.update(compiled="failed", compile_error=f"{type(e).__name__}: {e}")
-            return
-        status.update(compiled="done", compile_seconds=round(time.monotonic() - t_compile, 3),
-                      compiled_seconds=round(time.monotonic() - started, 3))
-        log.info("compiled %d shapes in %.1fs; serving compiled", len(shapes), time.monotonic() - t_compile)
 
     @app.on_event("startup")
     def _start_loading() -> None:
@@ -605,20 +578,6 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.build_middleware_stack = build_stack  # type: ignore[method-assign]
     return app
-
-
-def _serve_before_compiling(setting: str) -> bool:
-    """Serve uncompiled while compiling? Measured on an H100 (SD1.5): it pays off only with a cold
-    compile cache (first image 65 s instead of 115 s); with a warm one, compiling first was
-    faster (37 s vs 40 s): the uncompiled model's thousands of small launches wait for the GIL
-    held by the compiling thread."""
-    if setting in ("0", "1"):
-        return setting == "1"
-    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if not cache:
-        return False
-    fx = Path(cache) / "fxgraph"
-    return not (fx.exists() and any(fx.iterdir()))
 
 
 def _warmup_plan(loaded) -> tuple[list[tuple[int, int]], list[int]]:

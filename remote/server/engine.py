@@ -106,33 +106,6 @@ class Engine:
         self._queue.put(job)
         return job.future
 
-    def call_while_serving(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
-        """Run fn(pause) on the worker thread while a stand-in thread serves the queue; wait for it.
-
-        For compiling: CUDA graphs belong to the thread that records them (PyTorch's
-        cudagraph trees are thread-local), so the compile and warm-up run on the worker,
-        which serves compiled afterwards; the stand-in serves uncompiled in the meantime.
-        fn calls pause() before capturing CUDA graphs: a capture fails if another thread
-        uses the GPU meanwhile (seen on an H100: "operation not permitted when stream is
-        capturing"). pause() lets the stand-in finish its batch in flight, then stops it.
-        """
-
-        def run(jobs: list[Job]) -> list[Any]:
-            stop = threading.Event()
-            stand_in = threading.Thread(target=self._serve, args=(stop,), name="gpu-stand-in", daemon=True)
-
-            def pause() -> None:
-                stop.set()
-                stand_in.join()
-
-            stand_in.start()
-            try:
-                return [fn(pause)]
-            finally:
-                pause()
-
-        return self.submit(Job(kind="call", key=("call", id(fn)), images=0, run=run)).result()
-
     def set_batch_sizes(self, sizes: list[int]) -> None:
         """Only these batch sizes run (compiled graphs exist for them); 1 is always allowed."""
         self.batch_sizes = tuple(sorted({1, *[s for s in sizes if 1 <= s <= self.max_batch]}))
@@ -151,18 +124,9 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _take_batch(self, stop: threading.Event | None = None) -> list[Job]:
+    def _take_batch(self) -> list[Job]:
         if not self._pending:
-            if stop is None:
-                self._pending.append(self._queue.get())
-            else:
-                while not self._pending:
-                    if stop.is_set():
-                        return []
-                    try:
-                        self._pending.append(self._queue.get(timeout=0.05))
-                    except queue.Empty:
-                        pass
+            self._pending.append(self._queue.get())
         # A short window lets concurrent requests arrive and join the batch. When the last
         # batch served several clients, they come back one by one (each encodes its PNGs
         # first): wait a little longer for as many, rather than run a batch of one.
@@ -190,7 +154,7 @@ class Engine:
                     self._pending.append(self._queue.get(timeout=quiet))
                 except queue.Empty:
                     pass
-                return self._take_batch(stop)
+                return self._take_batch()
         head = users[0] if users else self._pending[0]
         if head.kind != "txt2img":
             self._pending.remove(head)
@@ -218,13 +182,8 @@ class Engine:
         return batch
 
     def _loop(self) -> None:
-        self._serve(None)
-
-    def _serve(self, stop: threading.Event | None) -> None:
         while True:
-            batch = self._take_batch(stop)
-            if not batch:
-                return  # the stand-in was told to stop
+            batch = self._take_batch()
             self.busy = True
             self._interrupt.clear()
             for job in batch:

@@ -95,7 +95,7 @@ class LoadedModel:
 
 @dataclass
 class CompiledParts:
-    """torch.compile'd stand-ins for a model's UNet and VAE: warmed up first, then swapped in."""
+    """torch.compile'd versions of a model's UNet and VAE decoder, swapped in by use_compiled."""
 
     unet: Any
     vae: Any  # a shallow copy of the model's VAE (same weights) whose decode is compiled
@@ -370,11 +370,8 @@ class ModelManager:
     # -- torch.compile ---------------------------------------------------------------------
     #
     # reduce-overhead: CUDA graphs remove the per-kernel launch cost that dominates SD at
-    # batch 1 (max-autotune compiled for minutes without finishing). Compiling (or, with a
-    # warm cache, re-tracing) takes from 15 s to minutes, so the compiled parts are warmed
-    # up on their own thread while the worker serves with the uncompiled model, and swapped
-    # in when every configured shape is ready. CUDA graph capture is thread-local in
-    # PyTorch's cudagraph trees, so the two threads do not disturb each other.
+    # batch 1 (max-autotune compiled for minutes without finishing). Compiling, or with a
+    # warm cache re-tracing, happens on the GPU worker: cudagraph trees are thread-local.
 
     def compile_enabled(self, model: LoadedModel) -> bool:
         return self._compile is True or (self._compile is None and model.device == "cuda")
