@@ -384,6 +384,9 @@ class ModelManager:
             import torch._inductor.config as inductor_config
 
             inductor_config.conv_1x1_as_mm = True
+            if os.environ.get("ORCH_COORDINATE_DESCENT", "0") == "1":  # slower compile, maybe faster kernels
+                inductor_config.coordinate_descent_tuning = True
+                inductor_config.coordinate_descent_check_all_directions = True
             # dynamic=False: each batch size gets its own static graph. (Automatic dynamic
             # shapes made the second batch size a symbolic-shape graph, slower to run.)
             return torch.compile(fn, mode="reduce-overhead", dynamic=False)
