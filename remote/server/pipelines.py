@@ -383,10 +383,9 @@ class ModelManager:
         if backend == "inductor":
             import torch._inductor.config as inductor_config
 
+            # (coordinate_descent_tuning was tried: on an H100 the SD1.5 UNet at batch 1 had
+            # not finished compiling after 9 minutes.)
             inductor_config.conv_1x1_as_mm = True
-            if os.environ.get("ORCH_COORDINATE_DESCENT", "0") == "1":  # slower compile, maybe faster kernels
-                inductor_config.coordinate_descent_tuning = True
-                inductor_config.coordinate_descent_check_all_directions = True
             # dynamic=False: each batch size gets its own static graph. (Automatic dynamic
             # shapes made the second batch size a symbolic-shape graph, slower to run.)
             return torch.compile(fn, mode="reduce-overhead", dynamic=False)
