@@ -38,3 +38,60 @@ def write_ldm_vae(vae, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(vae_state_dict_to_ldm(vae), str(path))
     return path
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """An SDXL-shaped pipeline (two text encoders, text_time conditioning) with tiny random weights."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from remote.server.demo_model import _byte_level_vocab, _tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                        sample_size=64, scaling_factor=0.13025)
+    vocab = _byte_level_vocab()
+    text = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab),
+                max_position_embeddings=77, projection_dim=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    return StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+                                     tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), scheduler=scheduler)
+
+
+def write_kohya_sdxl_lora(pipe, path: Path, seed: int = 2, rank: int = 4, alpha: float = 2.0) -> Path:
+    """An SDXL LoRA as kohya's sd-scripts names it: UNet layers by their LDM names, lora_te1_/lora_te2_."""
+    import torch
+    from safetensors.torch import save_file
+
+    from remote.server.ldm_names import unet_key
+
+    state = {}
+    g = torch.Generator().manual_seed(seed)
+    has_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
+    targets = [("lora_unet", pipe.unet), ("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)]
+    for prefix, model in targets:
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not any(t in name for t in LORA_TARGETS):
+                continue
+            if prefix == "lora_unet":
+                name = unet_key(name + ".weight", has_attn, pipe.unet.config.layers_per_block).removesuffix(".weight")
+            elif not name.startswith("text_model."):
+                name = "text_model." + name
+            key = f"{prefix}_{name.replace('.', '_')}"
+            state[key + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.2
+            state[key + ".lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.2
+            state[key + ".alpha"] = torch.tensor(alpha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.model_files import write_kohya_lora, write_ldm_vae
+from tests.model_files import build_tiny_sdxl, write_kohya_lora, write_kohya_sdxl_lora, write_ldm_vae
 from remote.server import checkpoints, lora
 from remote.server.pipelines import GenerationRequest, ModelManager, RequestError
 
@@ -195,12 +195,37 @@ def test_lora_in_the_prompt_matches_peft_and_is_undone_exactly(demo_models):
     oracle.set_progress_bar_config(disable=True)
     oracle.load_lora_weights(str(models / "Lora" / "ink.safetensors"), adapter_name="ink")
     oracle.set_adapters(["ink"], [0.7])
-    expected = oracle("a cat ", num_inference_steps=2, width=64, height=64, generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
+    expected = oracle("a cat ", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
+                      generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
     assert np.abs(np.asarray(expected, dtype=np.int16) - pixels(with_lora)).max() <= 2
     assert np.abs(pixels(with_lora) - base).max() > 10
     # Back to the base model bit for bit, and a weight of 0 is no LoRA.
     assert np.array_equal(pixels(manager.generate(req())), base)
     assert lora.parse_prompt("a cat <lora:ink:0>")[1] == ()
+
+
+def test_sdxl_lora_with_kohya_ldm_names_matches_peft(tmp_path):
+    """SDXL LoRAs (most of what users have) name UNet layers as the original code did: input_blocks_4_1_..."""
+    import torch
+
+    models = tmp_path / "models"
+    build_tiny_sdxl().save_pretrained(models / "tiny-xl")
+    write_kohya_sdxl_lora(build_tiny_sdxl(), models / "Lora" / "xl-style.safetensors")
+    manager = ModelManager(models, device="cpu")
+    base = pixels(manager.generate(req()))
+    ours = pixels(manager.generate(req(prompt="a cat <lora:xl-style:0.8>", loras=(("xl-style", 0.8),))))
+    oracle = build_tiny_sdxl()
+    oracle.set_progress_bar_config(disable=True)
+    oracle.load_lora_weights(str(models / "Lora" / "xl-style.safetensors"), adapter_name="xl")
+    oracle.set_adapters(["xl"], [0.8])
+    expected = oracle("a cat ", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
+                      generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
+    assert np.abs(np.asarray(expected, dtype=np.int16) - ours).max() <= 2
+    assert np.abs(ours - base).max() > 10
+    # Every layer of the file found its place: UNet by LDM name, both text encoders.
+    (layers,) = manager.current.lora.cache.values()
+    assert {comp for comp, *_ in layers} == {"unet", "text_encoder", "text_encoder_2"}
+    assert np.array_equal(pixels(manager.generate(req())), base)
 
 
 def test_lora_merges_into_fused_qkv_projections(demo_models):
