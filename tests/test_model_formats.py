@@ -248,11 +248,13 @@ def test_bad_lora_tags_are_clear_errors(demo_models):
         manager.loras.find("nope")
     with pytest.raises(lora.LoraError, match=r"<lora:ink:heavy>.*not a number"):
         lora.parse_prompt("x <lora:ink:heavy>")
-    (models / "Lora" / "broken.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(RequestError):
-        manager.generate(req(loras=(("broken", 1.0),)))
+    (models / "Lora" / "zz-broken.safetensors").write_bytes(b"\x00" * 16)
+    base = pixels(manager.generate(req()))
+    with pytest.raises(RequestError, match="zz-broken.safetensors: not a readable LoRA file"):
+        manager.generate(req(loras=(("ink", 1.0), ("zz-broken", 1.0))))  # ink merges first, then the broken one fails
     # The failed request left nothing merged.
     assert manager.current.lora.applied == ()
+    assert np.array_equal(pixels(manager.generate(req())), base)
 
 
 def test_several_models_stay_resident_up_to_the_limit(demo_models):

@@ -178,14 +178,23 @@ def _targets(model, path: str, module) -> list[tuple[Any, slice | None]]:
 
 def apply(pipe, state: LoraState, library: LoraLibrary, wanted: tuple[tuple[str, float], ...]) -> None:
     """Make exactly `wanted` merged into pipe's weights (restoring first whatever else was)."""
-    import torch
-
     if wanted == state.applied:
         return
     restore(state)
     if not wanted:
         return
     comps = _components(pipe)
+    try:
+        _merge(comps, state, library, wanted, pipe)
+    except BaseException:
+        restore(state)  # a half-merged set (the second LoRA failed) must not stay in the weights
+        raise
+    state.applied = wanted
+
+
+def _merge(comps, state: LoraState, library: LoraLibrary, wanted, pipe) -> None:
+    import torch
+
     with torch.no_grad():
         for name, weight in wanted:
             path = library.find(name)
@@ -205,7 +214,6 @@ def apply(pipe, state: LoraState, library: LoraLibrary, wanted: tuple[tuple[str,
                         param.add_(delta)
                     else:
                         param[rows].add_(delta)
-    state.applied = wanted
 
 
 def restore(state: LoraState) -> None:
