@@ -63,15 +63,17 @@ def test_idle_fires_and_not_before(orch, orch_home):
 
 def test_a_stream_of_requests_keeps_it_alive_then_idle_stops_it(orch, orch_home):
     up = orch("up", "busy", "--detach", "--idle", "3s", "--json").json
-    t_end = time.monotonic() + 8
+    t_end = time.monotonic() + 8  # well past the 3 s idle deadline
+    sent = 0
     while time.monotonic() < t_end:
         assert _gen(up) == 200
+        sent += 1
         time.sleep(1)
     assert orch("status", "busy", "--json").json["status"] == "RUNNING", "requests reset the idle clock"
     st, _ = _wait_stopped(orch, "busy", 30)
     assert st["stop_reason"] == "idle 3s"
     activity = json.loads((orch_home / "local" / up["instance_id"] / "disk" / ".orch" / "activity.json").read_text())
-    assert activity["requests"] >= 8
+    assert sent >= 3 and activity["requests"] >= sent  # each request was recorded where the agent reads it
     assert 3 <= _stopped_at(orch_home, up["instance_id"])["at"] - activity["last_request"] < 3 + 3
 
 
