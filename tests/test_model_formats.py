@@ -257,6 +257,16 @@ def test_bad_lora_tags_are_clear_errors(demo_models):
     assert np.array_equal(pixels(manager.generate(req())), base)
 
 
+def test_a_lora_at_the_top_of_the_models_folder_is_not_taken_for_a_model(demo_models):
+    from remote.server.demo_model import build_demo_pipeline
+
+    models, _ = demo_models
+    write_kohya_lora(build_demo_pipeline(), models / "aaa-first-by-name.safetensors")
+    manager = ModelManager(models, device="cpu")
+    assert "aaa-first-by-name.safetensors" not in [e.name for e in manager.list_models()]
+    assert manager.default_entry().name == "second-model"
+
+
 def test_several_models_stay_resident_up_to_the_limit(demo_models):
     models, _ = demo_models
     manager = ModelManager(models, device="cpu", max_resident=2)

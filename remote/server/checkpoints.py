@@ -140,6 +140,29 @@ class CheckpointKeys:
         return len(self._shapes)
 
 
+_CHECKPOINT_LOOKS: dict[tuple[str, int, int], bool] = {}
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """A .safetensors file holding a diffusion model (not a LoRA or VAE left in the wrong folder).
+
+    Reads the header only; remembered per (path, size, mtime). Other formats are assumed to be.
+    """
+    if path.suffix.lower() != ".safetensors":
+        return True
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKPOINT_LOOKS:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                _CHECKPOINT_LOOKS[key] = any(k.startswith("model.diffusion_model.") for k in f.keys())
+        except Exception:
+            _CHECKPOINT_LOOKS[key] = False
+    return _CHECKPOINT_LOOKS[key]
+
+
 def detect(path: Path) -> Architecture:
     """Which architecture a single-file checkpoint is, or a clear error saying what it is not."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type

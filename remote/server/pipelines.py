@@ -200,6 +200,8 @@ class ModelManager:
                 continue
             if any(folder in path.parents for folder in folders):
                 continue  # a component of a diffusers folder
+            if not checkpoints.looks_like_checkpoint(path):
+                continue  # e.g. a LoRA pulled to the top of the models folder
             # A1111 keeps checkpoints in models/Stable-diffusion and names them from there.
             name = str(rel.relative_to("Stable-diffusion")) if rel.parts[0] == "Stable-diffusion" and len(rel.parts) > 1 else str(rel)
             entries.append(ModelEntry(name=name, path=path))
