@@ -316,3 +316,32 @@ def test_api_lora_vae_and_checkpoint_limit(demo_models):
         assert "VAE: alt.safetensors" in json.loads(with_vae["info"])["infotexts"][0]
         assert client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 0}).status_code == 422
         assert client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 2}).status_code == 200
+
+
+def test_inpainting_models_serve_inpaint_and_explain_txt2img(tmp_path):
+    """A 9-channel (inpainting) model: masks work; txt2img says what to use instead."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from remote.server.demo_model import build_demo_pipeline
+
+    demo = build_demo_pipeline()
+    config = dict(demo.unet.config)
+    config["in_channels"] = 9
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    pipe = StableDiffusionInpaintPipeline(**{**demo.components, "unet": unet})
+    models = tmp_path / "models"
+    pipe.save_pretrained(models / "tiny-inpaint")
+    manager = ModelManager(models, device="cpu")
+    with pytest.raises(RequestError, match="inpainting model: use img2img with a mask"):
+        manager.generate(req())
+    from PIL import Image as PILImage
+
+    image = PILImage.new("RGB", (64, 64), (200, 30, 30))
+    mask = PILImage.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    (result,) = manager.generate_batch([req()], kind="inpaint",
+                                       extra={"image": image, "mask_image": mask, "strength": 1.0, "width": 64, "height": 64})
+    out = np.asarray(result.images[0], dtype=np.int16)
+    assert out.shape == (64, 64, 3)
