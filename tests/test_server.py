@@ -224,6 +224,8 @@ def test_first_request_after_ready_is_not_stuck_behind_background_warmup(tmp_pat
 
 def test_compiled_model_is_swapped_in_before_ready_and_draws_the_same_images(tmp_path, monkeypatch):
     """The compile path on the CPU: Dynamo traces for real (backend "eager": no code generation)."""
+    import time as _time
+
     import torch
 
     monkeypatch.setenv("ORCH_COMPILE_BACKEND", "eager")
@@ -236,7 +238,7 @@ def test_compiled_model_is_swapped_in_before_ready_and_draws_the_same_images(tmp
         app = create_app(ServerConfig(token=TOKEN, models_dir=tmp_path / "models", state_dir=tmp_path / ".orch", device="cpu"))
         with TestClient(app) as c:
             while c.get("/healthz").json()["status"] != "ready":
-                __import__("time").sleep(0.05)
+                _time.sleep(0.05)
             model = app.state.models.current
             assert model.compiled is compiled and hasattr(model.pipeline.unet, "_orig_mod") is compiled
             if compiled:

@@ -349,7 +349,9 @@ class ModelManager:
                     raise RequestError(f"sd_vae: {path.name} could not be loaded as this model's VAE ({type(e).__name__}: {e})") from None
                 vae.to(model.device)
                 if model.device == "cuda":
-                    vae.to(memory_format=__import__("torch").channels_last)
+                    import torch
+
+                    vae.to(memory_format=torch.channels_last)
                 if model.compiled:
                     vae.decode = self._compile_fn(vae.decode)  # compiles at its first use
                 model.vaes[str(path)] = vae
