@@ -189,11 +189,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             # Compiled before "ready", on the worker. (Serving uncompiled meanwhile was tried on
             # an H100: the uncompiled model crawled behind the compiling thread's GIL, and
             # Inductor's FX tracing patches nn.Module calls process-wide, which broke it.)
-            compile_now = bool(shapes) and models.compile_enabled(loaded)
-            parts = models.compile_parts(loaded) if compile_now else None
-            if parts is not None:
+            if shapes and models.compile_enabled(loaded):
                 engine.set_batch_sizes(batches)
-                engine.call(lambda: models.use_compiled(loaded, parts))
+                engine.call(lambda: models.compile(loaded))
                 status["compiled"] = "done"
             if shapes:
                 # The first shape before "ready"; the rest warm up behind it on the worker,

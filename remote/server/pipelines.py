@@ -9,6 +9,7 @@ Layout, as A1111's: models/Lora for LoRAs, models/VAE for VAE overrides.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -58,9 +59,11 @@ class ModelEntry:
     def model_name(self) -> str:
         return Path(self.name).stem if self.is_file else self.name
 
-    @property
+    @functools.cached_property
     def short_hash(self) -> str:
-        """A stable short id, like A1111's model hash (of a file: A1111's legacy hash; of a folder: its index)."""
+        """A stable short id, like A1111's model hash (of a file: A1111's legacy hash; of a folder: its index).
+
+        Cached: every image's infotext names it, and for a file it is a disk read."""
         if self.is_file:
             return checkpoints.short_hash(self.path)
         index = self.path / "model_index.json"
@@ -85,20 +88,11 @@ class LoadedModel:
     vae_path: Path | None = None  # the override in use; None: the model's own VAE
     vaes: dict[str, Any] = field(default_factory=dict)  # overrides loaded for this model, by path
     lora: lora.LoraState = field(default_factory=lora.LoraState)
-    last_used: float = 0.0
     compiled: bool = False  # the pipeline runs the compiled UNet and VAE decoder
 
     @property
     def inpainting(self) -> bool:
         return int(self.pipeline.unet.config.in_channels) == 9
-
-
-@dataclass
-class CompiledParts:
-    """torch.compile'd versions of a model's UNet and VAE decoder, swapped in by use_compiled."""
-
-    unet: Any
-    vae: Any  # a shallow copy of the model's VAE (same weights) whose decode is compiled
 
 
 @dataclass(frozen=True)
@@ -265,7 +259,6 @@ class ModelManager:
         if key in self._resident:
             self._resident.move_to_end(key)
             self._loaded = self._resident[key]
-            self._loaded.last_used = time.monotonic()
             while len(self._resident) > max(1, self.max_resident):  # the limit may have been lowered
                 self._evict()
             return self._loaded
@@ -291,8 +284,7 @@ class ModelManager:
         if device == "cuda":
             self._optimize(pipe)
         loaded = LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
-                             load_seconds=time.monotonic() - started, architecture=architecture, builtin_vae=pipe.vae,
-                             last_used=time.monotonic())
+                             load_seconds=time.monotonic() - started, architecture=architecture, builtin_vae=pipe.vae)
         self._resident[key] = loaded
         self._loaded = loaded
         self.load_times[entry.name] = loaded.load_seconds
@@ -395,40 +387,28 @@ class ModelManager:
             return torch.compile(fn, mode="reduce-overhead", dynamic=False)
         return torch.compile(fn, backend=backend, dynamic=False)
 
-    def compile_parts(self, model: LoadedModel) -> CompiledParts:
-        import copy
-
-        vae = copy.copy(model.builtin_vae)  # shares parameters and submodules; only decode differs
-        vae.decode = self._compile_fn(vae.decode)
-        return CompiledParts(unet=self._compile_fn(model.pipeline.unet), vae=vae)
-
-    def use_compiled(self, model: LoadedModel, parts: CompiledParts) -> None:
-        """Swap the warmed-up compiled parts in (on the worker thread, between batches)."""
-        model.pipeline.unet = parts.unet
-        if model.pipeline.vae is model.builtin_vae:
-            model.pipeline.vae = parts.vae
-        model.builtin_vae = parts.vae
+    def compile(self, model: LoadedModel) -> None:
+        """Put the compiled UNet and VAE decoder in place (on the worker); they compile at their first run."""
+        model.pipeline.unet = self._compile_fn(model.pipeline.unet)
+        model.builtin_vae.decode = self._compile_fn(model.builtin_vae.decode)
         model.compiled = True
 
-    def warm_up(self, sizes: list[tuple[int, int]], batches: list[int], parts: CompiledParts | None = None,
-                model: LoadedModel | None = None, steps: int = 2) -> float:
+    def warm_up(self, sizes: list[tuple[int, int]], batches: list[int]) -> float:
         """Run each (size, batch) once so compiling happens at boot, not on a user's request."""
         started = time.monotonic()
-        model = model or self._loaded or self.load()
+        model = self._loaded or self.load()
         for width, height in sizes:
             for batch in batches:
-                self._run(model, GenerationRequest(prompt="warm-up", steps=steps, width=width, height=height, batch_size=batch),
-                          ["warm-up"] * batch, [""] * batch, list(range(batch)), None, parts=parts)
+                self._run(model, GenerationRequest(prompt="warm-up", steps=2, width=width, height=height, batch_size=batch),
+                          ["warm-up"] * batch, [""] * batch, list(range(batch)), None)
         return time.monotonic() - started
 
-    def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img", parts: CompiledParts | None = None):
+    def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
         """The model's components with a fresh scheduler: shared weights, private sampler state."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule)
         base = model.pipeline
-        if parts is not None:  # the compiled parts' warm-up, beside the serving pipeline
-            return base.__class__(**{**base.components, "scheduler": scheduler, "unet": parts.unet, "vae": parts.vae})
         if kind == "txt2img":
             pipe = base.__class__(**{**base.components, "scheduler": scheduler})
         elif kind == "img2img":
@@ -439,11 +419,11 @@ class ModelManager:
         return pipe
 
     def _run(self, model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
-             engine, kind: str = "txt2img", extra: dict[str, Any] | None = None, parts: CompiledParts | None = None) -> list[Any]:
+             engine, kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[Any]:
         import torch
 
         spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
-        pipe = self._pipeline_for(model, spec, schedule, kind, parts)
+        pipe = self._pipeline_for(model, spec, schedule, kind)
         steps = req.steps
 
         def on_step(p, i, t, kwargs):
@@ -467,7 +447,6 @@ class ModelManager:
                        kind: str = "txt2img", extra: dict[str, Any] | None = None) -> list[GenerationResult]:
         """Several compatible requests as few pipeline calls as possible (at most max_batch images each)."""
         model = self.load(model_name)
-        model.last_used = time.monotonic()
         head = requests[0]
         if model.inpainting and kind != "inpaint":
             raise RequestError(f"sd_model_checkpoint: {model.entry.name} is an inpainting model: use img2img with a mask, "
@@ -485,7 +464,7 @@ class ModelManager:
             first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
             seeds = [(first + i) % (MAX_SEED + 1) for i in range(req.batch_size * req.n_iter)]
             per_request_seeds.append(seeds)
-            prompt = lora.parse_prompt(req.prompt)[0] if req.loras or "<lora:" in req.prompt else req.prompt
+            prompt = lora.parse_prompt(req.prompt)[0]  # the tags were read into req.loras
             flat.extend((r_index, prompt, req.negative_prompt, s) for s in seeds)
         max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
         pad_to = getattr(engine, "pad_to", None) if engine is not None else None
