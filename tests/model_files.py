@@ -8,17 +8,27 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj"
 
 
 def write_kohya_lora(pipe, path: Path, seed: int = 1, rank: int = 4, alpha: float = 2.0) -> Path:
-    """A LoRA in kohya's layout (lora_unet_* / lora_te_*, lora_down/lora_up/alpha), random but fixed."""
+    """A LoRA in kohya's layout (lora_down/lora_up/alpha), random but fixed, named as sd-scripts names it:
+    SD1/2: lora_unet_<diffusers name>, lora_te_; SDXL: UNet layers by their LDM names, lora_te1_/lora_te2_."""
     import torch
     from safetensors.torch import save_file
 
+    from remote.server.ldm_names import unet_key
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    targets = [("lora_unet", pipe.unet)]
+    targets += [("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)] if sdxl else [("lora_te", pipe.text_encoder)]
+    has_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
     state = {}
     g = torch.Generator().manual_seed(seed)
-    for prefix, model in (("lora_unet", pipe.unet), ("lora_te", pipe.text_encoder)):
+    for prefix, model in targets:
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or not any(t in name for t in LORA_TARGETS):
                 continue
-            if prefix == "lora_te" and not name.startswith("text_model."):
+            if prefix == "lora_unet":
+                if sdxl:
+                    name = unet_key(name + ".weight", has_attn, pipe.unet.config.layers_per_block).removesuffix(".weight")
+            elif not name.startswith("text_model."):
                 name = "text_model." + name  # kohya names CLIP's layers with the text_model prefix
             key = f"{prefix}_{name.replace('.', '_')}"
             state[key + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.2
@@ -67,31 +77,3 @@ def build_tiny_sdxl(seed: int = 0):
     return StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
                                      text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
                                      tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), scheduler=scheduler)
-
-
-def write_kohya_sdxl_lora(pipe, path: Path, seed: int = 2, rank: int = 4, alpha: float = 2.0) -> Path:
-    """An SDXL LoRA as kohya's sd-scripts names it: UNet layers by their LDM names, lora_te1_/lora_te2_."""
-    import torch
-    from safetensors.torch import save_file
-
-    from remote.server.ldm_names import unet_key
-
-    state = {}
-    g = torch.Generator().manual_seed(seed)
-    has_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
-    targets = [("lora_unet", pipe.unet), ("lora_te1", pipe.text_encoder), ("lora_te2", pipe.text_encoder_2)]
-    for prefix, model in targets:
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not any(t in name for t in LORA_TARGETS):
-                continue
-            if prefix == "lora_unet":
-                name = unet_key(name + ".weight", has_attn, pipe.unet.config.layers_per_block).removesuffix(".weight")
-            elif not name.startswith("text_model."):
-                name = "text_model." + name
-            key = f"{prefix}_{name.replace('.', '_')}"
-            state[key + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.2
-            state[key + ".lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.2
-            state[key + ".alpha"] = torch.tensor(alpha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path

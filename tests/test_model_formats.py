@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.model_files import build_tiny_sdxl, write_kohya_lora, write_kohya_sdxl_lora, write_ldm_vae
+from tests.model_files import build_tiny_sdxl, write_kohya_lora, write_ldm_vae
 from remote.server import checkpoints, lora
 from remote.server.pipelines import GenerationRequest, ModelManager, RequestError
 
@@ -34,6 +34,18 @@ def pixels(result) -> np.ndarray:
 
 def req(**kw) -> GenerationRequest:
     return GenerationRequest(**{"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 11, **kw})
+
+
+def peft_reference(pipe, lora_file, weight: float) -> np.ndarray:
+    """The oracle for LoRA: diffusers + PEFT load the file as an adapter; the same request as req()."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_file), adapter_name="reference")
+    pipe.set_adapters(["reference"], [weight])
+    image = pipe("a cat ", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
+                 generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
+    return np.asarray(image, dtype=np.int16)
 
 
 # -- single-file checkpoints ---------------------------------------------------------------
@@ -187,17 +199,10 @@ def test_lora_in_the_prompt_matches_peft_and_is_undone_exactly(demo_models):
     with_lora = manager.generate(req(prompt=prompt, loras=loras))
     assert 'Lora weights: "ink: 0.7"' in with_lora.infotexts[0] and with_lora.infotexts[0].startswith(prompt)
     # The oracle: diffusers + PEFT loading the same file as an adapter at weight 0.7.
-    import torch
-
     from remote.server.demo_model import build_demo_pipeline
 
-    oracle = build_demo_pipeline()
-    oracle.set_progress_bar_config(disable=True)
-    oracle.load_lora_weights(str(models / "Lora" / "ink.safetensors"), adapter_name="ink")
-    oracle.set_adapters(["ink"], [0.7])
-    expected = oracle("a cat ", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
-                      generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
-    assert np.abs(np.asarray(expected, dtype=np.int16) - pixels(with_lora)).max() <= 2
+    expected = peft_reference(build_demo_pipeline(), models / "Lora" / "ink.safetensors", 0.7)
+    assert np.abs(expected - pixels(with_lora)).max() <= 2
     assert np.abs(pixels(with_lora) - base).max() > 10
     # Back to the base model bit for bit, and a weight of 0 is no LoRA.
     assert np.array_equal(pixels(manager.generate(req())), base)
@@ -206,21 +211,14 @@ def test_lora_in_the_prompt_matches_peft_and_is_undone_exactly(demo_models):
 
 def test_sdxl_lora_with_kohya_ldm_names_matches_peft(tmp_path):
     """SDXL LoRAs (most of what users have) name UNet layers as the original code did: input_blocks_4_1_..."""
-    import torch
-
     models = tmp_path / "models"
     build_tiny_sdxl().save_pretrained(models / "tiny-xl")
-    write_kohya_sdxl_lora(build_tiny_sdxl(), models / "Lora" / "xl-style.safetensors")
+    write_kohya_lora(build_tiny_sdxl(), models / "Lora" / "xl-style.safetensors", seed=2)
     manager = ModelManager(models, device="cpu")
     base = pixels(manager.generate(req()))
     ours = pixels(manager.generate(req(prompt="a cat <lora:xl-style:0.8>", loras=(("xl-style", 0.8),))))
-    oracle = build_tiny_sdxl()
-    oracle.set_progress_bar_config(disable=True)
-    oracle.load_lora_weights(str(models / "Lora" / "xl-style.safetensors"), adapter_name="xl")
-    oracle.set_adapters(["xl"], [0.8])
-    expected = oracle("a cat ", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
-                      generator=[torch.Generator("cpu").manual_seed(11)]).images[0]
-    assert np.abs(np.asarray(expected, dtype=np.int16) - ours).max() <= 2
+    expected = peft_reference(build_tiny_sdxl(), models / "Lora" / "xl-style.safetensors", 0.8)
+    assert np.abs(expected - ours).max() <= 2
     assert np.abs(ours - base).max() > 10
     # Every layer of the file found its place: UNet by LDM name, both text encoders.
     (layers,) = manager.current.lora.cache.values()
