@@ -154,13 +154,14 @@ def looks_like_checkpoint(path: Path) -> bool:
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _CHECKPOINT_LOOKS:
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                _CHECKPOINT_LOOKS[key] = any(k.startswith("model.diffusion_model.") for k in f.keys())
+            _CHECKPOINT_LOOKS[key] = _has_diffusion_model(CheckpointKeys(path))
         except Exception:
             _CHECKPOINT_LOOKS[key] = False
     return _CHECKPOINT_LOOKS[key]
+
+
+def _has_diffusion_model(keys) -> bool:
+    return any(k.startswith("model.diffusion_model.") for k in keys)
 
 
 def detect(path: Path) -> Architecture:
@@ -171,7 +172,7 @@ def detect(path: Path) -> Architecture:
         keys = CheckpointKeys(path)
     except Exception as e:
         raise UnsupportedCheckpoint(f"{path.name}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
+    if not _has_diffusion_model(keys):
         hint = " (it looks like a LoRA: put it under models/Lora)" if any("lora" in k for k in list(keys)[:50]) else ""
         raise UnsupportedCheckpoint(f"{path.name}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights){hint}")
     kind = infer_diffusers_model_type(keys)
