@@ -207,6 +207,10 @@ def test_lora_in_the_prompt_matches_peft_and_is_undone_exactly(demo_models):
     # Back to the base model bit for bit, and a weight of 0 is no LoRA.
     assert np.array_equal(pixels(manager.generate(req())), base)
     assert lora.parse_prompt("a cat <lora:ink:0>")[1] == ()
+    # A file replaced under the same name is read again, not served from the first read.
+    write_kohya_lora(build_demo_pipeline(), models / "Lora" / "ink.safetensors", seed=7)
+    replaced = pixels(manager.generate(req(prompt=prompt, loras=loras)))
+    assert np.abs(replaced - pixels(with_lora)).max() > 10
 
 
 def test_sdxl_lora_with_kohya_ldm_names_matches_peft(tmp_path):

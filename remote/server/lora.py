@@ -77,6 +77,7 @@ class LoraState:
     applied: tuple[tuple[str, float], ...] = ()
     backups: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(param) -> (param, original copy)
     cache: dict[str, list[tuple[str, str, Any, Any, float]]] = field(default_factory=dict)  # path -> parsed file
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime) when parsed
 
 
 def _components(pipe) -> dict[str, Any]:
@@ -199,8 +200,10 @@ def _merge(comps, state: LoraState, library: LoraLibrary, wanted, pipe) -> None:
         for name, weight in wanted:
             path = library.find(name)
             key = str(path)
-            if key not in state.cache:
+            stamp = (path.stat().st_size, path.stat().st_mtime_ns)
+            if state.stamps.get(key) != stamp:  # new, or replaced under the same name
                 state.cache[key] = read_lora(path, pipe)
+                state.stamps[key] = stamp
             for comp, mod_path, down, up, scale in state.cache[key]:
                 model = comps[comp]
                 module = model.get_submodule(mod_path)
