@@ -99,7 +99,7 @@ class Server:
 
 
 def start(server: Server, label: str, body: dict, results: dict) -> None:
-    """Server start -> first image (served uncompiled while compiling) -> compiled model serving."""
+    """Server start -> first image; the compiled model serves from "ready" on."""
     health = server.wait_ready(1800)
     server.txt2img(body)
     results[f"{label}_start_to_first_image_s"] = time.monotonic() - server.started
@@ -111,7 +111,8 @@ def start(server: Server, label: str, body: dict, results: dict) -> None:
     results[f"{label}_health"] = health
     log(f"{label} start: first image {results[f'{label}_start_to_first_image_s']:.1f}s, compiled model serving at "
         f"{results[f'{label}_start_to_compiled_s']:.1f}s (imports {health.get('import_seconds')}s, "
-        f"load {health.get('load_seconds')}s, compile {health.get('compile_seconds') or health.get('warmup_seconds')}s)")
+        f"load {health.get('load_seconds')}s, compile or warm-up {health.get('warmup_seconds')}s; "
+        f"precompiled graphs {health.get('precompiled')})")
 
 
 def main() -> None:
@@ -123,7 +124,6 @@ def main() -> None:
     parser.add_argument("--skip-warm", action="store_true")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients; 0 skips that part")
     parser.add_argument("--warm-batches", default="1,8", help="batch sizes the server compiles at boot")
-    parser.add_argument("--compare-eager-first", action="store_true", help="also a warm start serving uncompiled meanwhile")
     args = parser.parse_args()
 
     import torch
@@ -222,12 +222,14 @@ def main() -> None:
         clients, per_client = args.clients, (2 if smoke else 6)
         errors: list[Exception] = []
         batch_sizes: list[int] = []
+        idle_before: list[float] = []
 
         def client(c: int) -> None:
             for k in range(per_client):
                 try:
                     info = json.loads(server.txt2img({**body, "seed": 1000 + c * 100 + k})["info"])
                     batch_sizes.append(info["orch_batch_images"])
+                    idle_before.append(info["orch_gpu_idle_before_seconds"])
                 except Exception as e:  # counted, not hidden
                     errors.append(e)
 
@@ -241,20 +243,19 @@ def main() -> None:
         results["images_per_s_8_clients"] = (clients * per_client - len(errors)) / elapsed
         results["errors"] = len(errors)
         results["batch_size_seen_by_requests"] = {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))}
+        # The GPU's idle time before each batch: the clients' turnaround (PNG, transfer, next request) and the gather.
+        results["gpu_idle_before_batch_s"] = statistics.median(idle_before) if idle_before else None
         log(f"{clients} clients: {results['images_per_s_8_clients']:.2f} images/s ({len(errors)} errors); "
-            f"batch sizes requests ran in: {results['batch_size_seen_by_requests']}")
+            f"batch sizes requests ran in: {results['batch_size_seen_by_requests']}; GPU idle before a batch "
+            f"(median) {results['gpu_idle_before_batch_s']}s")
     server.stop()
 
-    # 4. Warm compile cache: the same instance disk, the server started again (it compiles
-    #    before "ready" then; --compare-eager-first also times serving uncompiled meanwhile).
+    # 4. Warm compile cache: the same instance disk, the server started again (it loads the
+    #    compiled graphs saved by the first start, remote/server/precompiled.py).
     if not args.skip_warm:
         server = Server(home, env)
         start(server, "warm", body, results)
         server.stop()
-        if cuda and args.compare_eager_first:
-            server = Server(home, {**env, "ORCH_EAGER_FIRST": "1"})
-            start(server, "warm_eager_first", body, results)
-            server.stop()
 
     print()
     print(f"{results['device']}, {results['arch']} {side}x{side}, {steps} steps, CFG 7, batch 1")
@@ -273,8 +274,6 @@ def main() -> None:
     if "warm_start_to_first_image_s" in results:
         print(f"{'warm start -> first image (s)':<40}{results['warm_start_to_first_image_s']:>10.1f}")
         print(f"{'warm start -> compiled model serving (s)':<40}{results.get('warm_start_to_compiled_s', 0):>10.1f}")
-    if "warm_eager_first_start_to_first_image_s" in results:
-        print(f"{'warm, serving uncompiled -> 1st image':<40}{results['warm_eager_first_start_to_first_image_s']:>10.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         logs = "\n".join(p.read_text(errors="replace")[-6000:] for p in sorted(home.glob("server-*.log")))

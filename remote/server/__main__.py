@@ -29,6 +29,11 @@ def main() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    # Whole compiled graphs that load without re-tracing (remote/server/precompiled.py); "0": off.
+    if os.environ.get("ORCH_PRECOMPILED_DIR") != "0":
+        os.environ.setdefault("ORCH_PRECOMPILED_DIR", str(cache / "precompiled"))
+    else:
+        del os.environ["ORCH_PRECOMPILED_DIR"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = (home / "token").read_text().strip()
     if not token:

@@ -178,7 +178,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     def load_default() -> None:
         try:
             t_import = time.monotonic()
-            import diffusers  # noqa: F401  (with torch: most of a start-up; measured apart)
+            # Most of a start-up on a GPU host (torch, diffusers, transformers): measured apart.
+            import torch  # noqa: F401
+            from diffusers import StableDiffusionPipeline  # noqa: F401
 
             status["import_seconds"] = round(time.monotonic() - t_import, 3)
             loaded = engine.call(models.load)
@@ -267,7 +269,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {**status, "uptime": round(time.time() - status["started_at"], 3)}
+        extra: dict[str, Any] = {}
+        if status.get("compiled") == "done" and models.precompiled_dir is not None:
+            from .precompiled import STATS
+
+            # How the compiled graphs came: loaded from disk (a warm start) or traced and compiled here.
+            extra["precompiled"] = {"loaded": STATS.loaded, "compiled": STATS.compiled, "fallback_calls": STATS.fallback_calls,
+                                    "load_seconds": round(STATS.load_seconds, 3),
+                                    "compile_seconds": round(STATS.compile_seconds, 3), "errors": STATS.errors[-5:]}
+        return {**status, **extra, "uptime": round(time.time() - status["started_at"], 3)}
 
     auth = [Depends(require_token)]
 
@@ -530,6 +540,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "orch_seconds": round(result.seconds, 4),
             "orch_batch_images": result.extra.get("batch_images", 1),
             "orch_queue_seconds": round(queued, 4),
+            "orch_gpu_idle_before_seconds": round(job.gpu_idle_before, 4),
             "orch_encode_seconds": round(encode_seconds, 4),
         }
         parameters = body.model_dump(exclude={"init_images", "mask"})

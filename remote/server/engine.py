@@ -33,6 +33,7 @@ class Job:
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
+    gpu_idle_before: float = 0.0  # how long the worker had been idle when this job's batch began
 
 
 @dataclass
@@ -190,8 +191,10 @@ class Engine:
             batch = self._take_batch()
             self.busy = True
             self._interrupt.clear()
+            began = time.monotonic()
             for job in batch:
-                job.started = time.monotonic()
+                job.started = began
+                job.gpu_idle_before = began - self._last_batch_end
             self.progress = ProgressState(job_count=len(batch), started=time.monotonic(), job=batch[0].kind)
             try:
                 if batch[0].kind == "call":
