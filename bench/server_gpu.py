@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--skip-warm", action="store_true")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients; 0 skips that part")
+    parser.add_argument("--rounds", type=int, default=10, help="requests each concurrent client sends, one after another")
     parser.add_argument("--warm-batches", default="1,8", help="batch sizes the server compiles at boot")
     args = parser.parse_args()
 
@@ -219,10 +220,11 @@ def main() -> None:
         results["server_batch8_pipeline_s"] = json.loads(r["info"])["orch_seconds"]
         log(f"one request of batch 8: {results['server_batch8_s']:.3f}s ({results['server_batch8_pipeline_s']:.3f}s in the pipeline)")
 
-        clients, per_client = args.clients, (2 if smoke else 6)
+        clients, per_client = args.clients, (2 if smoke else args.rounds)
         errors: list[Exception] = []
         batch_sizes: list[int] = []
         idle_before: list[float] = []
+        phases: list[dict] = []
 
         def client(c: int) -> None:
             for k in range(per_client):
@@ -230,6 +232,7 @@ def main() -> None:
                     info = json.loads(server.txt2img({**body, "seed": 1000 + c * 100 + k})["info"])
                     batch_sizes.append(info["orch_batch_images"])
                     idle_before.append(info["orch_gpu_idle_before_seconds"])
+                    phases.append(info["orch_phase_seconds"])
                 except Exception as e:  # counted, not hidden
                     errors.append(e)
 
@@ -245,9 +248,10 @@ def main() -> None:
         results["batch_size_seen_by_requests"] = {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))}
         # The GPU's idle time before each batch: the clients' turnaround (PNG, transfer, next request) and the gather.
         results["gpu_idle_before_batch_s"] = statistics.median(idle_before) if idle_before else None
+        results["phases_batch8_median"] = {k: statistics.median(p[k] for p in phases if p) for k in (phases[0] or {})} if phases else {}
         log(f"{clients} clients: {results['images_per_s_8_clients']:.2f} images/s ({len(errors)} errors); "
             f"batch sizes requests ran in: {results['batch_size_seen_by_requests']}; GPU idle before a batch "
-            f"(median) {results['gpu_idle_before_batch_s']}s")
+            f"(median) {results['gpu_idle_before_batch_s']}s; pipeline phases (median) {results['phases_batch8_median']}")
     server.stop()
 
     # 4. Warm compile cache: the same instance disk, the server started again (it loads the

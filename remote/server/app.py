@@ -541,6 +541,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "orch_batch_images": result.extra.get("batch_images", 1),
             "orch_queue_seconds": round(queued, 4),
             "orch_gpu_idle_before_seconds": round(job.gpu_idle_before, 4),
+            "orch_phase_seconds": result.extra.get("phases", {}),
             "orch_encode_seconds": round(encode_seconds, 4),
         }
         parameters = body.model_dump(exclude={"init_images", "mask"})

@@ -9,13 +9,16 @@ joined make one valid zlib stream. zlib releases the GIL while it compresses.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_BAND_BYTES = 1 << 18  # a band per ~256 KiB of filtered rows
-_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deflate")
+_BAND_BYTES = 1 << 17  # a band per ~128 KiB of filtered rows
+# A batch's PNGs are encoded at once (8 images of 512x512 took 64 ms on 8 threads of a
+# 16-core host, 17 ms for one): a thread per core.
+_pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 8), thread_name_prefix="deflate")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
