@@ -440,8 +440,7 @@ class ModelManager:
                 import torch
 
                 model.graph_pool = torch.cuda.graph_pool_handle()  # one memory pool for all of the model's graphs
-            precompiled.install(unet, "forward", "unet", self.precompiled_dir, fallback=self._compile_fn(unet.forward),
-                                wrap_output=precompiled.unet_output, ignore=("return_dict",), pool=model.graph_pool)
+            precompiled.install_unet(unet, self.precompiled_dir, self._compile_fn(unet.forward), model.graph_pool)
         else:
             model.pipeline.unet = self._compile_fn(unet)
         self._compile_vae_decode(model, model.builtin_vae)
@@ -449,9 +448,7 @@ class ModelManager:
 
     def _compile_vae_decode(self, model: LoadedModel, vae) -> None:
         if self._precompiling():
-            precompiled.install(vae, "decode", "vae-decode", self.precompiled_dir, fallback=self._compile_fn(vae.decode),
-                                wrap_output=precompiled.decoder_output, ignore=("return_dict", "generator"),
-                                pool=model.graph_pool)
+            precompiled.install_vae_decode(vae, self.precompiled_dir, self._compile_fn(vae.decode), model.graph_pool)
         else:
             vae.decode = self._compile_fn(vae.decode)
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -154,8 +155,10 @@ class PrecompiledFunction:
     """Stands in for `module.forward` (or a method such as `vae.decode`)."""
 
     def __init__(self, module, original: Callable[..., Any], name: str, store: Path, fallback: Callable[..., Any],
-                 wrap_output: Callable[[Any, dict], Any], ignore: tuple[str, ...] = (), pool: Any = None) -> None:
+                 wrap_output: Callable[[Any, dict], Any], ignore: tuple[str, ...] = (), pool: Any = None,
+                 prepare: Callable[[tuple, dict], tuple[tuple, dict]] | None = None) -> None:
         self.module = module
+        self.prepare = prepare
         self.original = original
         self.name = name
         self.store = store
@@ -172,6 +175,8 @@ class PrecompiledFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch
 
+        if self.prepare is not None:
+            args, kwargs = self.prepare(args, kwargs)
         try:
             if not torch.is_inference_mode_enabled():
                 raise NotPrecompilable("not in inference mode")
@@ -260,11 +265,13 @@ class PrecompiledFunction:
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         artifact.save(path=str(tmp / "artifact.bin"), format="binary")
         (tmp / "inputs.json").write_text(json.dumps(order))
+        if path.exists():  # a damaged or stale artifact under this name: out of the way first
+            stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            os.replace(path, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, path)
-        except OSError:  # another process saved it first; use ours, drop the copy
-            import shutil
-
+        except OSError:  # another process saved it meanwhile; use ours, drop the copy
             shutil.rmtree(tmp, ignore_errors=True)
         seconds = time.monotonic() - started
         STATS.compiled += 1
@@ -323,15 +330,44 @@ def unet_output(sample, kwargs: dict):
     return UNet2DConditionOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
+def timestep_as_float32(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The UNet reads its timestep only through `.float()` (the sinusoidal embedding), so any
+    sampler's timestep (int64 for DPM++ 2M, DDIM, UniPC; float32 for Euler; float64 for DPM++
+    SDE) as float32 gives the same result, and all samplers share one compiled graph."""
+    import torch
+
+    def as_float(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype != torch.float32 else t
+
+    if len(args) > 1:
+        args = (args[0], as_float(args[1]), *args[2:])
+    elif "timestep" in kwargs:
+        kwargs = {**kwargs, "timestep": as_float(kwargs["timestep"])}
+    return args, kwargs
+
+
 def decoder_output(sample, kwargs: dict):
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     return DecoderOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
-def install(module, method: str, name: str, store: Path, fallback: Callable[..., Any], wrap_output, ignore=(), pool=None):
+def install(module, method: str, name: str, store: Path, fallback: Callable[..., Any], wrap_output, ignore=(), pool=None,
+            prepare=None):
     """Replace module.<method> with its precompiled stand-in (the original stays reachable as .original)."""
     original = getattr(module, method)
-    wrapper = PrecompiledFunction(module, original, name, store, fallback, wrap_output, ignore=ignore, pool=pool)
+    wrapper = PrecompiledFunction(module, original, name, store, fallback, wrap_output, ignore=ignore, pool=pool,
+                                  prepare=prepare)
     setattr(module, method, wrapper)
     return wrapper
+
+
+def install_unet(unet, store: Path, fallback: Callable[..., Any], pool=None) -> PrecompiledFunction:
+    return install(unet, "forward", "unet", store, fallback, unet_output, ignore=("return_dict",), pool=pool,
+                   prepare=timestep_as_float32)
+
+
+def install_vae_decode(vae, store: Path, fallback: Callable[..., Any], pool=None) -> PrecompiledFunction:
+    # decode() takes a generator it does not use; return_dict only shapes the output.
+    return install(vae, "decode", "vae-decode", store, fallback, decoder_output, ignore=("return_dict", "generator"),
+                   pool=pool)
