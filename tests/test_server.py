@@ -287,3 +287,36 @@ def test_eight_clients_settle_into_full_batches():
         t.join()
     assert len(seen) == 64
     assert seen.count(8) >= 48, f"batch sizes the requests ran in: { {b: seen.count(b) for b in set(seen)} }"
+
+
+def test_a_burst_of_clients_shares_the_first_batch_and_a_lone_request_starts_at_once():
+    """Eight clients that start together had run as 1 + 7 (the first alone, on an H100)."""
+    import threading
+    import time as _time
+
+    from remote.server.engine import Engine, Job
+
+    def execute(jobs, engine):
+        _time.sleep(0.1)  # the GPU
+        return [len(jobs) for _ in jobs]
+
+    engine = Engine(execute)
+    engine.set_batch_sizes([1, 8])
+    lone = Job(kind="txt2img", key=("k",), images=1)
+    assert engine.submit(lone).result(10) == 1
+    assert lone.started - lone.enqueued < 0.05, "a lone request waits only the 5 ms window"
+
+    barrier = threading.Barrier(8)
+    seen: list[int] = []
+
+    def client(c: int) -> None:
+        barrier.wait()
+        _time.sleep(c * 0.002)  # requests reach the engine one by one, as the HTTP server parses them
+        seen.append(engine.submit(Job(kind="txt2img", key=("k",), images=1)).result(10))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [8] * 8, f"batch sizes the burst ran in: {seen}"

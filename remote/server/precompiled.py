@@ -29,8 +29,9 @@ import threading
 import time
 import types
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("orch.server")
 
