@@ -112,7 +112,8 @@ def start(server: Server, label: str, body: dict, results: dict) -> None:
     log(f"{label} start: first image {results[f'{label}_start_to_first_image_s']:.1f}s, compiled model serving at "
         f"{results[f'{label}_start_to_compiled_s']:.1f}s (imports {health.get('import_seconds')}s, "
         f"load {health.get('load_seconds')}s, compile or warm-up {health.get('warmup_seconds')}s; "
-        f"precompiled graphs {health.get('precompiled')})")
+        f"precompiled graphs {health.get('precompiled')}); phases ended at (s since process start): "
+        f"{health.get('startup_seconds')}")
 
 
 def main() -> None:

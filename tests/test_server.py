@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -320,3 +321,31 @@ def test_a_burst_of_clients_shares_the_first_batch_and_a_lone_request_starts_at_
     for t in threads:
         t.join()
     assert seen == [8] * 8, f"batch sizes the burst ran in: {seen}"
+
+
+def test_healthz_says_when_each_start_up_phase_ended(client):
+    phases = client.get("/healthz").json()["startup_seconds"]
+    order = ["server_up", "imports", "model_loaded", "ready"]
+    assert [p for p in phases if p in order] == order
+    assert 0 < phases["server_up"] <= phases["imports"] <= phases["model_loaded"] <= phases["ready"]
+
+
+def test_the_default_models_files_are_read_ahead_while_torch_imports(tmp_path):
+    from remote.server.pipelines import ModelManager
+
+    models = tmp_path / "models"
+    assert ModelManager(models).prefetch_default() is None, "no model yet: nothing to read (and no demo model built)"
+    folder = models / "my-model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(os.urandom(24 << 20))
+
+    def bytes_read() -> int:
+        return int(dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())["rchar"])
+
+    before = bytes_read()
+    thread = ModelManager(models).prefetch_default()
+    assert thread is not None
+    thread.join(30)
+    assert bytes_read() - before >= 24 << 20, "the weights were read through"

@@ -79,6 +79,21 @@ def _error(status: int, detail: str, **extra: Any) -> JSONResponse:
 HTTPStatusName = {401: "Unauthorized", 404: "NotFound", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; the interpreter's own start-up included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in clock ticks after boot
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.monotonic()
+
+
 def encode_png(image, infotext: str) -> str:
     """Base64 PNG with A1111's `parameters` text chunk, deflated on several cores (png.py)."""
     from .png import encode_png as png_bytes
@@ -175,15 +190,23 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.status = status
     app.state.engine = engine
 
+    def mark(phase: str) -> None:
+        """When each start-up phase ended, in seconds since the process started (as /healthz shows)."""
+        status.setdefault("startup_seconds", {})[phase] = round(process_age(), 3)
+
     def load_default() -> None:
         try:
+            mark("server_up")
+            models.prefetch_default()
             t_import = time.monotonic()
             # Most of a start-up on a GPU host (torch, diffusers, transformers): measured apart.
             import torch  # noqa: F401
             from diffusers import StableDiffusionPipeline  # noqa: F401
 
             status["import_seconds"] = round(time.monotonic() - t_import, 3)
+            mark("imports")
             loaded = engine.call(models.load)
+            mark("model_loaded")
             status.update(status="warming-up", model=loaded.entry.name, demo=loaded.entry.is_demo, device=loaded.device,
                           load_seconds=round(loaded.load_seconds, 3))
             sizes, batches = _warmup_plan(loaded)
@@ -195,12 +218,14 @@ def create_app(config: ServerConfig) -> FastAPI:
                 engine.set_batch_sizes(batches)
                 engine.call(lambda: models.compile(loaded))
                 status["compiled"] = "done"
+                mark("compile_set_up")
             if shapes:
                 # The first shape before "ready"; the rest warm up behind it on the worker,
                 # so the first user waits for one compile, not all of them.
                 status["warmup_seconds"] = round(engine.call(lambda: models.warm_up(sizes[:1], batches[:1])), 3)
             status["status"] = "ready"
             status["ready_seconds"] = round(time.monotonic() - started, 3)
+            mark("ready")
             rest = shapes[1:]
             if rest:
                 # One background job per shape: a user request waits for at most one of them.
