@@ -8,7 +8,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from remote.server import png
 from remote.server.png import encode_png
+
+
+@pytest.fixture(params=["isal", "zlib"], autouse=True)
+def deflate_library(request, monkeypatch):
+    """Every test runs with ISA-L (what the server uses when installed) and with zlib (its fallback)."""
+    if request.param == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        monkeypatch.setattr(png, "_zlib", isal_zlib)
+    else:
+        import zlib
+
+        monkeypatch.setattr(png, "_zlib", zlib)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", [(512, 512, 3), (1024, 768, 3), (77, 13, 3), (64, 64, 4), (40, 30, 1), (1, 1, 3)])
