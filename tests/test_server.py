@@ -349,3 +349,49 @@ def test_the_default_models_files_are_read_ahead_while_torch_imports(tmp_path):
     assert thread is not None
     thread.join(30)
     assert bytes_read() - before >= 24 << 20, "the weights were read through"
+
+
+def test_default_warm_up_compiles_batch_8_where_the_gpu_has_room():
+    from types import SimpleNamespace
+
+    from remote.server.app import default_warmup
+
+    def pipe(sample_size):
+        return SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)), vae_scale_factor=8)
+
+    assert default_warmup(pipe(64), 80 << 30) == ([(512, 512)], [1, 8]), "SD1.5 on an H100: concurrent clients batch"
+    assert default_warmup(pipe(64), 16 << 30) == ([(512, 512)], [1]), "a 16 GB GPU: batch 1 only"
+    assert default_warmup(pipe(128), 80 << 30) == ([(1024, 1024)], [1]), "SDXL: batch 1 unless asked"
+
+
+def test_a_batch_size_whose_warm_up_fails_is_not_used(tmp_path, monkeypatch):
+    """Out of memory while warming up batch 2 (a small GPU, say): users must not get batch 2."""
+    import time as _time
+
+    import torch
+
+    from remote.server.pipelines import ModelManager
+
+    monkeypatch.setenv("ORCH_COMPILE", "1")
+    monkeypatch.setenv("ORCH_COMPILE_BACKEND", "eager")
+    monkeypatch.setenv("ORCH_WARMUP", "64x64:1,2")
+    real_warm_up = ModelManager.warm_up
+
+    def warm_up(self, sizes, batches):
+        if batches == [2]:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_warm_up(self, sizes, batches)
+
+    monkeypatch.setattr(ModelManager, "warm_up", warm_up)
+    torch._dynamo.reset()
+    app = create_app(ServerConfig(token=TOKEN, models_dir=tmp_path / "models", state_dir=tmp_path / ".orch", device="cpu"))
+    with TestClient(app) as c:
+        deadline = _time.monotonic() + 120
+        while c.get("/healthz").json().get("background_warmup") in (None, "running") and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        health = c.get("/healthz").json()
+        assert health["background_warmup"].startswith("failed: 64x64 batch 2"), health
+        assert app.state.engine.batch_sizes == (1,)
+        r = c.post("/sdapi/v1/txt2img", json=small(seed=3, batch_size=2), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and len(r.json()["images"]) == 2, "served, in batches of 1"
+    torch._dynamo.reset()

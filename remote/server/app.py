@@ -232,10 +232,23 @@ def create_app(config: ServerConfig) -> FastAPI:
                 status["background_warmup"] = "running"
                 t_rest = time.monotonic()
                 futures = [engine.call_in_background(lambda size=size, b=b: models.warm_up([size], [b])) for size, b in rest]
+                failed: list[str] = []
 
-                def done(_f) -> None:
-                    if all(f.done() for f in futures):
-                        status.update(background_warmup="done", background_warmup_seconds=round(time.monotonic() - t_rest, 3))
+                def done(f) -> None:
+                    size, b = rest[futures.index(f)]
+                    if f.exception() is not None:
+                        # Out of memory at batch 8 on a small GPU, say: users must not get that
+                        # batch size then (it would fail for them too); it stops being used.
+                        log.warning("warm-up of %dx%d at batch %d failed (%s); that batch size is not used", size[0],
+                                    size[1], b, f.exception())
+                        failed.append(f"{size[0]}x{size[1]} batch {b}: {type(f.exception()).__name__}: {f.exception()}"[:300])
+                        if b > 1:
+                            engine.set_batch_sizes([x for x in engine.batch_sizes if x != b])
+                        if _is_out_of_memory(f.exception()):
+                            _free_gpu_memory()
+                    if all(x.done() for x in futures):
+                        status.update(background_warmup="failed: " + "; ".join(failed) if failed else "done",
+                                      background_warmup_seconds=round(time.monotonic() - t_rest, 3))
 
                 for f in futures:
                     f.add_done_callback(done)
@@ -618,16 +631,16 @@ def create_app(config: ServerConfig) -> FastAPI:
 def _warmup_plan(loaded) -> tuple[list[tuple[int, int]], list[int]]:
     """What to run at boot so compiling is done before the first user request.
 
-    ORCH_WARMUP="512x512,768x512:1,8" names sizes and batch sizes; default on CUDA: the
-    model's native size at batch 1; on CPU nothing (no compile there).
+    ORCH_WARMUP="512x512,768x512:1,8" names sizes and batch sizes; default on CUDA:
+    default_warmup(); on CPU nothing (no compile there).
     """
     spec = os.environ.get("ORCH_WARMUP")
     if spec is None:
         if loaded.device != "cuda":
             return [], []
-        pipe = loaded.pipeline
-        side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-        return [(side, side)], [1]
+        import torch
+
+        return default_warmup(loaded.pipeline, torch.cuda.get_device_properties(0).total_memory)
     if not spec.strip() or spec.strip() == "0":
         return [], []
     sizes_part, _, batches_part = spec.partition(":")
@@ -637,6 +650,16 @@ def _warmup_plan(loaded) -> tuple[list[tuple[int, int]], list[int]]:
         sizes.append((int(w), int(h or w)))
     batches = [int(b) for b in batches_part.split(",")] if batches_part else [1]
     return sizes, batches
+
+
+def default_warmup(pipe, gpu_memory_bytes: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The model's native size at batch 1 (before "ready"), and at batch 8 in the background
+    when the GPU has room for it, so concurrent clients share batches without any setting.
+    (SD1.5 at batch 8 with its CUDA graphs needs ~10 GB beyond the weights; SDXL at 1024x1024,
+    ~4x the pixels, stays at batch 1 unless ORCH_WARMUP asks.)"""
+    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    batches = [1, 8] if side <= 768 and gpu_memory_bytes >= (20 << 30) else [1]
+    return [(side, side)], batches
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
