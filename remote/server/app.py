@@ -179,8 +179,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     def execute(jobs: list[Job], engine: Engine) -> list[Any]:
         head = jobs[0]
         reqs = [j.payload["request"] for j in jobs]
+        def answer(index: int, result: Any) -> None:  # a request whose images are ready goes out now
+            if not jobs[index].future.done():
+                jobs[index].future.set_result(result)
+
         return models.generate_batch(reqs, engine, head.payload.get("model"), head.payload.get("kind", "txt2img"),
-                                     head.payload.get("extra"))
+                                     head.payload.get("extra"), answer=answer)
 
     engine = Engine(execute, max_batch=int(os.environ.get("ORCH_MAX_BATCH", "8")))
     from concurrent.futures import ThreadPoolExecutor

@@ -210,7 +210,8 @@ class Engine:
                     self.batches += 1
                     self.images += sum(j.images for j in batch)
                 for job, result in zip(batch, results):
-                    job.future.set_result(result)
+                    if not job.future.done():  # answered already, as soon as its images were ready
+                        job.future.set_result(result)
             except BaseException as e:  # one failed batch must not stop the worker
                 for job in batch:
                     if not job.future.done():
