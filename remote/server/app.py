@@ -180,8 +180,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         head = jobs[0]
         reqs = [j.payload["request"] for j in jobs]
         def answer(index: int, result: Any) -> None:  # a request whose images are ready goes out now
-            if not jobs[index].future.done():
-                jobs[index].future.set_result(result)
+            jobs[index].future.set_result(result)
 
         return models.generate_batch(reqs, engine, head.payload.get("model"), head.payload.get("kind", "txt2img"),
                                      head.payload.get("extra"), answer=answer)

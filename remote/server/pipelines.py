@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -191,6 +192,7 @@ class _DecodeStream:
         self.pipe = pipe
         self.vae = pipe.vae
         self.on_image = on_image
+        self.images: dict[int, Any] = {}  # what the call returns: already converted, no second copy
         self.error: BaseException | None = None
 
     def __enter__(self):
@@ -241,7 +243,8 @@ class _DecodeStream:
                 if ready is not None:
                     ready.synchronize()
                 if self.error is None:
-                    self.on_image(i, Image.fromarray(pixels[0].numpy()))
+                    self.images[i] = Image.fromarray(pixels[0].numpy())
+                    self.on_image(i, self.images[i])
             except BaseException as e:  # raised on the worker when the call ends
                 self.error = e
 
@@ -617,15 +620,17 @@ class ModelManager:
             clock.mark("start")
             if stream is not None:
                 with stream:
-                    images = pipe(**args, output_type="pt").images
+                    pipe(**args, output_type="pt")
+                    clock.mark("end")
             else:
-                images = pipe(**args, output_type="pt").images
-            pixels = _to_8_bits(images)
-            clock.mark("end")
-            pixels = pixels.cpu().numpy()
+                pixels = _to_8_bits(pipe(**args, output_type="pt").images)
+                clock.mark("end")
+                pixels = pixels.cpu().numpy()
+        self.last_phases = clock.phases()
+        if stream is not None:
+            return [stream.images[i] for i in range(len(seeds))]
         from PIL import Image
 
-        self.last_phases = clock.phases()
         return [Image.fromarray(p) for p in pixels]
 
     def generate_batch(self, requests: list[GenerationRequest], engine=None, model_name: str | None = None,
@@ -667,21 +672,23 @@ class ModelManager:
                                     schedule=schedule, model=model.entry, seconds=time.monotonic() - started,
                                     extra={"batch_images": len(flat), "phases": phases})
 
+        starts = list(itertools.accumulate((len(seeds) for seeds in per_request_seeds), initial=0))  # in `flat`
         early: dict[int, GenerationResult] = {}
         ready: dict[int, list[Any]] = {}
-        first_index = {}  # request -> index in `flat` of its first image
-        for position, (r_index, *_rest) in enumerate(flat):
-            first_index.setdefault(r_index, position)
 
         def on_image(position: int, image) -> None:
-            if position >= len(flat):
-                return  # padding
             r_index = flat[position][0]
             got = ready.setdefault(r_index, [None] * len(per_request_seeds[r_index]))
-            got[position - first_index[r_index]] = image
-            if all(x is not None for x in got) and answer is not None:
+            got[position - starts[r_index]] = image
+            if all(x is not None for x in got):
                 early[r_index] = result_for(r_index, got)
                 answer(r_index, early[r_index])
+
+        def chunk_delivery(offset: int, n: int) -> Callable[[int, Any], None]:
+            def deliver(j: int, image) -> None:
+                if j < n:  # padded images are not anyone's
+                    on_image(offset + j, image)
+            return deliver
 
         images: list[Any] = []
         for i in range(0, len(flat), max_batch):
@@ -690,15 +697,10 @@ class ModelManager:
             padding = [(0, "", "", 0)] * (pad_to - len(chunk)) if pad_to and len(chunk) < pad_to and kind == "txt2img" else []
             out = self._run(model, head, [c[1] for c in chunk + padding], [c[2] for c in chunk + padding],
                             [c[3] for c in chunk + padding], engine, kind, extra,
-                            on_image=(lambda j, image, offset=i: on_image(offset + j, image)) if answer else None)
+                            on_image=chunk_delivery(i, len(chunk)) if answer else None)
             images.extend(out[: len(chunk)])
         phases.update(self.last_phases)
-        results = []
-        cursor = 0
-        for r_index, seeds in enumerate(per_request_seeds):
-            results.append(early.get(r_index) or result_for(r_index, images[cursor : cursor + len(seeds)]))
-            cursor += len(seeds)
-        return results
+        return [early.get(r) or result_for(r, images[starts[r] : starts[r + 1]]) for r in range(len(requests))]
 
     def generate(self, req: GenerationRequest, model: LoadedModel | None = None) -> GenerationResult:
         """One request, run directly (tests and scripts; the server goes through the engine)."""
