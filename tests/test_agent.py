@@ -92,12 +92,13 @@ def test_max_lifetime_fires_under_requests(orch, orch_home):
 
 
 def test_budget_fires_at_the_right_cost(orch, orch_home):
-    # $3600/h is $1 a second: a $6 budget lasts 6 seconds of running time.
-    up = orch("up", "money", "--detach", "--price-per-hour", "3600", "--budget", "6", "--json").json
+    # $3600/h is $1 a second: a $12 budget lasts 12 seconds of running time. (A $6 budget ran
+    # out before `up` had finished booting on a loaded CI machine: the boot takes 4-6 s there.)
+    up = orch("up", "money", "--detach", "--price-per-hour", "3600", "--budget", "12", "--json").json
     st, _ = _wait_stopped(orch, "money", 40)
-    assert st["stop_reason"] == "budget $6.00 reached"
+    assert st["stop_reason"] == "budget $12.00 reached"
     stopped = _stopped_at(orch_home, up["instance_id"])
-    assert 6 <= stopped["running_seconds"] < 6 + 3
+    assert 12 <= stopped["running_seconds"] < 12 + 3
 
 
 def test_laptop_killed_during_boot_is_stopped_after_heartbeat_timeout(orch_home, tmp_path):
