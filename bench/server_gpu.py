@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--skip-warm", action="store_true")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients; 0 skips that part")
     parser.add_argument("--rounds", type=int, default=10, help="requests each concurrent client sends, one after another")
+    parser.add_argument("--home", help="keep the server's home (models, compile caches) here instead of a temporary folder")
     parser.add_argument("--warm-batches", default="1,8", help="batch sizes the server compiles at boot")
     args = parser.parse_args()
 
@@ -135,7 +136,8 @@ def main() -> None:
     steps = 3 if smoke else 30
     side = 64 if smoke else (512 if args.arch == "sd15" else 1024)
     n_requests = 3 if smoke else args.requests
-    home = Path(tempfile.mkdtemp(prefix="orch-bench-server-"))
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="orch-bench-server-"))
+    home.mkdir(parents=True, exist_ok=True)
     (home / "token").write_text(TOKEN)
     models = home / "models"
     results: dict = {"arch": "demo" if smoke else args.arch, "size": side, "steps": steps,
@@ -192,7 +194,7 @@ def main() -> None:
     server = Server(home, env)
     start(server, "cold", body, results)
 
-    seq, inside, queued, encoded = [], [], [], []
+    seq, inside, queued, encoded, handled = [], [], [], [], []
     for i in range(n_requests):
         t = time.perf_counter()
         r = server.txt2img({**body, "seed": 100 + i})
@@ -201,10 +203,12 @@ def main() -> None:
         inside.append(info["orch_seconds"])
         queued.append(info["orch_queue_seconds"])
         encoded.append(info["orch_encode_seconds"])
+        handled.append(info["orch_request_seconds"])
     results["server_s_per_image"] = statistics.median(seq)
     results["server_pipeline_s_per_image"] = statistics.median(inside)  # without HTTP and PNG
     results["server_queue_s"] = statistics.median(queued)
     results["server_png_s"] = statistics.median(encoded)
+    results["server_handler_s"] = statistics.median(handled)  # the rest of end to end: HTTP + JSON both ways
     results["speedup_vs_plain"] = results["plain_s_per_image"] / results["server_s_per_image"]
     log(f"server: {results['server_s_per_image']:.3f}s/image end to end ({results['speedup_vs_plain']:.2f}x plain), "
         f"{results['server_pipeline_s_per_image']:.3f}s in the pipeline")
@@ -268,6 +272,7 @@ def main() -> None:
     print(f"{'orch server s/image (HTTP, end to end)':<40}{results['server_s_per_image']:>10.3f}")
     print(f"{'  of which in the pipeline':<40}{results['server_pipeline_s_per_image']:>10.3f}")
     print(f"{'  of which queued / PNG encoding':<40}{results['server_queue_s']:>5.3f} / {results['server_png_s']:.3f}")
+    print(f"{'  of which HTTP + JSON (outside handler)':<40}{results['server_s_per_image'] - results['server_handler_s']:>10.3f}")
     print(f"{'ratio (plain / orch)':<40}{results['speedup_vs_plain']:>10.2f}x")
     if "images_per_s_8_clients" in results:
         print(f"{'orch images/s, 8 concurrent clients':<40}{results['images_per_s_8_clients']:>10.2f}")

@@ -323,6 +323,23 @@ def test_a_burst_of_clients_shares_the_first_batch_and_a_lone_request_starts_at_
     assert seen == [8] * 8, f"batch sizes the burst ran in: {seen}"
 
 
+def test_one_client_sending_request_after_request_does_not_wait_for_company():
+    """The window that gathers a burst is pure latency for a lone sequential client."""
+    from remote.server.engine import Engine, Job
+
+    def execute(jobs, engine):
+        return [len(jobs) for _ in jobs]
+
+    engine = Engine(execute, window_s=0.2)  # wide, so that waiting it cannot hide in timer noise
+    waits = []
+    for _ in range(4):
+        job = Job(kind="txt2img", key=("k",), images=1)
+        assert engine.submit(job).result(10) == 1
+        waits.append(job.started - job.enqueued)
+    assert min(waits[:2]) >= 0.19, "until the pattern is clear, a request waits for a possible burst"
+    assert max(waits[2:]) < 0.05, f"the client's later requests waited: {waits}"
+
+
 def test_healthz_says_when_each_start_up_phase_ended(client):
     phases = client.get("/healthz").json()["startup_seconds"]
     order = ["server_up", "imports", "model_loaded", "ready"]
@@ -423,6 +440,9 @@ def test_each_request_of_a_batch_is_answered_as_soon_as_its_image_is_decoded(tmp
             done[seed] = (_time.monotonic(), r.json()["images"], json.loads(r.json()["info"])["orch_batch_images"])
 
         threads = [threading.Thread(target=client, args=(s,)) for s in (21, 22)]
+        # A pause first: right after a lone client's requests, the engine starts the next
+        # request at once rather than wait for company (test_one_client_sending_...).
+        _time.sleep(app.state.engine.gather_s + 0.1)
         for t in threads:
             t.start()
         for t in threads:
@@ -437,3 +457,17 @@ def test_each_request_of_a_batch_is_answered_as_soon_as_its_image_is_decoded(tmp
         a = np.asarray(Image.open(io.BytesIO(base64.b64decode(single[0]))), dtype=np.int16)
         b = np.asarray(Image.open(io.BytesIO(base64.b64decode(done[seed][1][0]))), dtype=np.int16)
         assert np.abs(a - b).mean() < 2.0, "each answer is the image its seed gives alone (batched math may differ by rounding)"
+
+
+def test_images_json_is_the_json_of_the_whole_answer():
+    import base64
+    import json as _json
+
+    from remote.server.app import images_json
+
+    images = [base64.b64encode(os.urandom(n)) for n in (1, 2, 3, 3000)]
+    rest = {"parameters": {"prompt": 'a "cat"\\ café 猫\n', "seed": -1, "styles": []}, "info": _json.dumps({"a": [1.5, None]})}
+    assert _json.loads(images_json(images, **rest)) == {"images": [i.decode() for i in images], **rest}
+    assert _json.loads(images_json([])) == {"images": []}
+    with pytest.raises(ValueError, match="base64"):
+        images_json([b'abc"], "x": "'])

@@ -34,6 +34,9 @@ def main() -> None:
         os.environ.setdefault("ORCH_PRECOMPILED_DIR", str(cache / "precompiled"))
     else:
         del os.environ["ORCH_PRECOMPILED_DIR"]
+    from .startup import prepare
+
+    prepare(home)  # bytecode and package-metadata caches; before torch and diffusers are imported
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = (home / "token").read_text().strip()
     if not token:
