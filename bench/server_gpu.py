@@ -194,7 +194,7 @@ def main() -> None:
     server = Server(home, env)
     start(server, "cold", body, results)
 
-    seq, inside, queued, encoded, handled = [], [], [], [], []
+    seq, inside, queued, encoded, handled, phases1 = [], [], [], [], [], []
     for i in range(n_requests):
         t = time.perf_counter()
         r = server.txt2img({**body, "seed": 100 + i})
@@ -204,14 +204,17 @@ def main() -> None:
         queued.append(info["orch_queue_seconds"])
         encoded.append(info["orch_encode_seconds"])
         handled.append(info["orch_request_seconds"])
+        phases1.append(info.get("orch_phase_seconds") or {})
     results["server_s_per_image"] = statistics.median(seq)
     results["server_pipeline_s_per_image"] = statistics.median(inside)  # without HTTP and PNG
     results["server_queue_s"] = statistics.median(queued)
     results["server_png_s"] = statistics.median(encoded)
     results["server_handler_s"] = statistics.median(handled)  # the rest of end to end: HTTP + JSON both ways
+    results["phases_batch1_median"] = {k: statistics.median(p[k] for p in phases1 if k in p)
+                                       for k in (phases1[0] if phases1 else {})}
     results["speedup_vs_plain"] = results["plain_s_per_image"] / results["server_s_per_image"]
     log(f"server: {results['server_s_per_image']:.3f}s/image end to end ({results['speedup_vs_plain']:.2f}x plain), "
-        f"{results['server_pipeline_s_per_image']:.3f}s in the pipeline")
+        f"{results['server_pipeline_s_per_image']:.3f}s in the pipeline; phases (median) {results['phases_batch1_median']}")
     # Let the background warm-up of the other batch sizes finish before measuring concurrency.
     deadline = time.monotonic() + 900
     while httpx.get(f"{server.base}/healthz").json().get("background_warmup") == "running" and time.monotonic() < deadline:

@@ -347,3 +347,44 @@ def test_inpainting_models_serve_inpaint_and_explain_txt2img(tmp_path):
                                        extra={"image": image, "mask_image": mask, "strength": 1.0, "width": 64, "height": 64})
     out = np.asarray(result.images[0], dtype=np.int16)
     assert out.shape == (64, 64, 3)
+
+
+def test_an_sdxl_vae_that_diffusers_upcasts_stays_in_float32_and_draws_the_same(tmp_path):
+    """The stock SDXL VAE (float16, force_upcast) was converted to float32 and back at every
+    call: new weight tensors, so its compiled CUDA graph was captured again for each image."""
+    import torch
+    from diffusers import AutoPipelineForImage2Image
+
+    from remote.server.demo_model import build_demo_pipeline
+    from remote.server.pipelines import vae_in_float32
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        txt = pipe("a cat", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1),
+                   output_type="np").images
+        img = AutoPipelineForImage2Image.from_pipe(pipe)(
+            "a dog", image=torch.full((1, 3, 64, 64), 0.25, dtype=torch.float16), strength=0.6, num_inference_steps=3,
+            generator=torch.Generator().manual_seed(2), output_type="np").images
+        return txt, img
+
+    stock = build_tiny_sdxl().to(torch.float16)
+    assert stock.vae.config.force_upcast
+    expected = run(stock)
+
+    ours = build_tiny_sdxl().to(torch.float16)
+    vae_in_float32(ours, ours.vae)
+    weight = ours.vae.decoder.conv_in.weight
+    address = weight.data_ptr()
+    for _ in range(2):
+        got = run(ours)
+        # diffusers divides the latents by the VAE's scale after its cast to float32, here before
+        # (in float16): within one 8-bit level of its pixels.
+        for a, b in zip(got, expected):
+            assert np.abs(np.round(a * 255) - np.round(b * 255)).max() <= 1
+    assert weight.dtype == torch.float32 and weight.data_ptr() == address, "converted once, never again"
+    assert ours.unet.dtype == torch.float16
+
+    # SD1.5 pipelines never upcast: their float16 VAE is left as it is.
+    sd15 = build_demo_pipeline().to(torch.float16)
+    vae_in_float32(sd15, sd15.vae)
+    assert sd15.vae.dtype == torch.float16

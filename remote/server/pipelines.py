@@ -180,6 +180,35 @@ def _to_8_bits(images):
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def vae_in_float32(pipe, vae) -> None:
+    """Keep a VAE that its pipeline would upcast in float32 once, and cast what it is given.
+
+    SDXL pipelines decode (and encode) a float16 VAE marked `force_upcast` (the stock SDXL VAE
+    overflows in float16) by converting it to float32 and back at every call: new weight
+    tensors each time, so the compiled decoder's CUDA graph was captured again for every image.
+    The same float32 weights and float32 decode, converted once (the one difference: the
+    pipeline scales the latents before they reach the VAE, in float16 here: pixels within one
+    8-bit level of diffusers' own).
+    A VAE whose dtype differs from the UNet's for another reason (a VAE file loaded next to such
+    a model) gets the same input cast."""
+    import torch
+
+    upcasts = hasattr(type(pipe), "upcast_vae")  # pipelines that honour force_upcast
+    if upcasts and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae.to(torch.float32)
+        vae.register_to_config(force_upcast=False)  # or the pipeline would convert it back to float16
+    if vae.dtype == pipe.unet.dtype or getattr(vae, "orch_casts_inputs", False):
+        return
+    for name in ("encode", "decode"):
+        method = getattr(vae, name)
+
+        def cast_input(x, *args, _method=method, **kwargs):
+            return _method(x.to(vae.dtype), *args, **kwargs)
+
+        setattr(vae, name, cast_input)
+    vae.orch_casts_inputs = True
+
+
 class _DecodeStream:
     """During one txt2img call, the VAE decodes the batch image by image and each image is
     handed to `on_image` as soon as it is on the host, while the GPU decodes the next: its
@@ -426,6 +455,7 @@ class ModelManager:
         pipe.set_progress_bar_config(disable=True)
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
+        vae_in_float32(pipe, pipe.vae)
         if device == "cuda":
             self._optimize(pipe)
         loaded = LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
@@ -485,6 +515,7 @@ class ModelManager:
                 except Exception as e:
                     raise RequestError(f"sd_vae: {path.name} could not be loaded as this model's VAE ({type(e).__name__}: {e})") from None
                 vae.to(model.device)
+                vae_in_float32(model.pipeline, vae)
                 if model.device == "cuda":
                     import torch
 
