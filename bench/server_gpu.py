@@ -197,7 +197,9 @@ def main() -> None:
     seq, inside, queued, encoded, handled, phases1 = [], [], [], [], [], []
     for i in range(n_requests):
         t = time.perf_counter()
-        r = server.txt2img({**body, "seed": 100 + i})
+        # A new prompt each time: the server keeps recent prompts' text encodings (only the
+        # negative prompt may come from that cache here, as when a user writes new prompts).
+        r = server.txt2img({**body, "prompt": f"{body['prompt']}, take {i}", "seed": 100 + i})
         seq.append(time.perf_counter() - t)
         info = json.loads(r["info"])
         inside.append(info["orch_seconds"])
@@ -237,7 +239,8 @@ def main() -> None:
         def client(c: int) -> None:
             for k in range(per_client):
                 try:
-                    info = json.loads(server.txt2img({**body, "seed": 1000 + c * 100 + k})["info"])
+                    info = json.loads(server.txt2img({**body, "prompt": f"{body['prompt']}, client {c} take {k}",
+                                                      "seed": 1000 + c * 100 + k})["info"])
                     batch_sizes.append(info["orch_batch_images"])
                     idle_before.append(info["orch_gpu_idle_before_seconds"])
                     phases.append(info["orch_phase_seconds"])

@@ -162,3 +162,16 @@ def test_metrics_in_prometheus_text(server):
     for name in ("orch_requests_total", "orch_queue_depth", "orch_iterations_per_second", "orch_model_load_seconds"):
         assert name in text
     assert httpx.get(f"{server['base']}/metrics").status_code == 401
+
+
+def test_a_prompt_sent_again_is_not_encoded_again_and_draws_the_same(server):
+    def hits() -> int:
+        text = httpx.get(f"{server['base']}/metrics", headers=H()).text
+        return sum(int(line.split()[-1]) for line in text.splitlines() if line.startswith("orch_prompt_cache_hits_total{"))
+
+    body = {"prompt": "a lighthouse at dusk", "negative_prompt": "rain", "steps": 2, "width": 64, "height": 64, "seed": 5}
+    first = httpx.post(f"{server['base']}/sdapi/v1/txt2img", headers=H(), timeout=60, json=body).json()["images"][0]
+    before = hits()
+    again = httpx.post(f"{server['base']}/sdapi/v1/txt2img", headers=H(), timeout=60, json=body).json()["images"][0]
+    assert hits() == before + 1, "the second request's prompt row came from the cache"
+    assert again == first, "the cached encoding draws the very same image"

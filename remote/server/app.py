@@ -493,6 +493,11 @@ def create_app(config: ServerConfig) -> FastAPI:
             "# TYPE orch_model_load_seconds gauge",
         ]
         lines += [f'orch_model_load_seconds{{model="{name}"}} {sec:.3f}' for name, sec in models.load_times.items()]
+        lines += ["# TYPE orch_prompt_cache_hits_total counter", "# TYPE orch_prompt_cache_misses_total counter"]
+        for loaded in models.resident:
+            name = loaded.entry.name
+            lines += [f'orch_prompt_cache_hits_total{{model="{name}"}} {loaded.prompts.hits}',
+                      f'orch_prompt_cache_misses_total{{model="{name}"}} {loaded.prompts.misses}']
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def check_ready() -> JSONResponse | None:

@@ -78,6 +78,7 @@ class LoraState:
     backups: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(param) -> (param, original copy)
     cache: dict[str, list[tuple[str, str, Any, Any, float]]] = field(default_factory=dict)  # path -> parsed file
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime) when parsed
+    version: int = 0  # changes whenever the weights do (what was encoded with the old ones is stale)
 
 
 def _components(pipe) -> dict[str, Any]:
@@ -181,6 +182,7 @@ def apply(pipe, state: LoraState, library: LoraLibrary, wanted: tuple[tuple[str,
     """Make exactly `wanted` merged into pipe's weights (restoring first whatever else was)."""
     if wanted == state.applied:
         return
+    state.version += 1
     restore(state)
     if not wanted:
         return

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from . import checkpoints, lora, precompiled, samplers
 from .demo_model import DEMO_MODEL_NAME, ensure_demo_model
+from .prompt_cache import PromptCache
 
 log = logging.getLogger("orch.server")
 
@@ -92,6 +93,7 @@ class LoadedModel:
     lora: lora.LoraState = field(default_factory=lora.LoraState)
     compiled: bool = False  # the pipeline runs the compiled UNet and VAE decoder
     graph_pool: Any = None  # CUDA graph memory pool shared by the model's precompiled graphs
+    prompts: PromptCache = field(default_factory=PromptCache)  # text-encoder outputs of recent prompts
 
     @property
     def inpainting(self) -> bool:
@@ -628,6 +630,7 @@ class ModelManager:
 
         spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
         pipe = self._pipeline_for(model, spec, schedule, kind)
+        pipe.encode_prompt = model.prompts.wrap(pipe.encode_prompt, lambda: model.lora.version)
         steps = req.steps
 
         clock = _PhaseClock(model.device)
