@@ -124,6 +124,64 @@ def test_a1111_sampler_names_work(client):
         assert info["sampler_name"] == name.replace(" Karras", "")
 
 
+def test_each_request_gets_a_scheduler_of_its_own_in_its_first_state():
+    """Schedulers are copies of a template made once; one request's steps must not reach the next."""
+    import inspect
+
+    import torch
+
+    from remote.server import samplers
+    from remote.server.demo_model import build_demo_pipeline
+
+    config = dict(build_demo_pipeline().scheduler.config)
+    for spec in samplers.available_samplers():
+        for schedule in ("Automatic", "Karras"):
+            first = samplers.make_scheduler(config, spec, schedule)
+            fresh = getattr(__import__("diffusers"), spec.class_name).from_config(config, **{**spec.options,
+                                                                                            **samplers.SCHEDULES[schedule]})
+            assert type(first) is type(fresh) and dict(first.config) == dict(fresh.config), spec.name
+            first.set_timesteps(4)
+            sample = torch.zeros(1, 4, 8, 8)
+            kwargs = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(first.step).parameters else {}
+            first.step(torch.ones_like(sample), first.timesteps[0], sample, **kwargs)
+            second = samplers.make_scheduler(config, spec, schedule)
+            assert second is not first
+            assert same_state(second, fresh), f"{spec.name} {schedule}: the first request's steps carried over"
+
+
+def same_state(a, b) -> bool:
+    import numpy as np
+    import torch
+
+    if vars(a).keys() != vars(b).keys():
+        return False
+    for key, x in vars(a).items():
+        y = vars(b)[key]
+        if isinstance(x, torch.Tensor):
+            if not same_state_value(x, y):
+                return False
+        elif isinstance(x, np.ndarray):
+            if not same_state_value(x, y):
+                return False
+        elif isinstance(x, list) and any(isinstance(v, (torch.Tensor, np.ndarray)) for v in x):
+            if len(x) != len(y) or not all(same_state_value(v, w) for v, w in zip(x, y)):
+                return False
+        elif key != "_internal_dict" and x != y:
+            return False
+    return True
+
+
+def same_state_value(x, y) -> bool:
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):  # (NaN where a schedule is undefined counts as equal)
+        return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
+    if isinstance(x, np.ndarray):
+        return np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
+    return x == y
+
+
 def test_an_exception_in_one_request_leaves_the_server_serving(client, monkeypatch):
     models = client.app.state.models
     real = models.generate_batch

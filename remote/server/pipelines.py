@@ -94,6 +94,7 @@ class LoadedModel:
     compiled: bool = False  # the pipeline runs the compiled UNet and VAE decoder
     graph_pool: Any = None  # CUDA graph memory pool shared by the model's precompiled graphs
     prompts: PromptCache = field(default_factory=PromptCache)  # text-encoder outputs of recent prompts
+    pipelines: dict[str, Any] = field(default_factory=dict)  # kind -> the pipeline object requests reuse
 
     @property
     def inpainting(self) -> bool:
@@ -180,6 +181,15 @@ def _to_8_bits(images):
     import torch
 
     return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@functools.cache
+def _served(cls: type) -> type:
+    """cls, with the execution device given (`orch_device`). diffusers searches every submodule
+    of every component for offloading hooks to find it (none here: models stay on the GPU),
+    once per call: thousands of attribute misses, milliseconds of CPU while the GPU waits."""
+    return type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                       "_execution_device": property(lambda self: self.orch_device)})
 
 
 def vae_in_float32(pipe, vae) -> None:
@@ -608,18 +618,33 @@ class ModelManager:
         return time.monotonic() - started
 
     def _pipeline_for(self, model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
-        """The model's components with a fresh scheduler: shared weights, private sampler state."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+        """The model's components with a fresh scheduler: shared weights, private sampler state.
+
+        One pipeline object per kind is kept and given the request's scheduler (requests run
+        one at a time on the worker): building one was ~3 ms of CPU before the GPU could start."""
+        import torch
 
         scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule)
         base = model.pipeline
-        if kind == "txt2img":
-            pipe = base.__class__(**{**base.components, "scheduler": scheduler})
-        elif kind == "img2img":
-            pipe = AutoPipelineForImage2Image.from_pipe(base, scheduler=scheduler)
-        else:
-            pipe = AutoPipelineForInpainting.from_pipe(base, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = model.pipelines.get(kind)
+        if pipe is None:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            if kind == "txt2img":
+                pipe = base.__class__(**base.components)
+            elif kind == "img2img":
+                pipe = AutoPipelineForImage2Image.from_pipe(base)
+            else:
+                pipe = AutoPipelineForInpainting.from_pipe(base)
+            pipe.__class__ = _served(type(pipe))
+            pipe.orch_device = torch.device(model.device)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.encode_prompt = model.prompts.wrap(pipe.encode_prompt, lambda: model.lora.version)
+            model.pipelines[kind] = pipe
+        for name, component in base.components.items():  # a VAE chosen, or the UNet compiled, since
+            if name != "scheduler" and getattr(pipe, name, None) is not component:
+                setattr(pipe, name, component)
+        pipe.scheduler = scheduler
         return pipe
 
     def _run(self, model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
@@ -630,7 +655,6 @@ class ModelManager:
 
         spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
         pipe = self._pipeline_for(model, spec, schedule, kind)
-        pipe.encode_prompt = model.prompts.wrap(pipe.encode_prompt, lambda: model.lora.version)
         steps = req.steps
 
         clock = _PhaseClock(model.device)

@@ -8,7 +8,9 @@ per-run state and are not safe to share between concurrent requests.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +91,19 @@ def resolve(sampler_name: str | None, schedule: str | None = None) -> tuple[Samp
 
 
 def make_scheduler(base_config: dict[str, Any], spec: SamplerSpec, schedule: str):
-    """A fresh scheduler for one request, from the model's own scheduler config."""
-    import diffusers
+    """A fresh scheduler for one request, from the model's own scheduler config: a copy of a
+    never-used one made once (from_config took 0.7 ms, and 36 ms for DPM++ SDE; a copy 0.15 ms)."""
+    key = (json.dumps(base_config, sort_keys=True, default=str), spec.name, schedule)
+    template = _templates.get(key)
+    if template is None:
+        import diffusers
 
-    cls = getattr(diffusers, spec.class_name)
-    options = {**spec.options, **SCHEDULES[schedule]}
-    return cls.from_config(base_config, **options)
+        cls = getattr(diffusers, spec.class_name)
+        template = cls.from_config(base_config, **{**spec.options, **SCHEDULES[schedule]})
+        if len(_templates) >= 64:
+            _templates.pop(next(iter(_templates)))
+        _templates[key] = template
+    return copy.deepcopy(template)
+
+
+_templates: dict[tuple[str, str, str], Any] = {}
