@@ -197,8 +197,8 @@ def main() -> None:
     seq, inside, queued, encoded, handled, phases1 = [], [], [], [], [], []
     for i in range(n_requests):
         t = time.perf_counter()
-        # A new prompt each time: the server keeps recent prompts' text encodings (only the
-        # negative prompt may come from that cache here, as when a user writes new prompts).
+        # A new prompt each time: the server keeps recent (prompt, negative prompt) encodings,
+        # and this measures the path without that cache, as when a user writes new prompts.
         r = server.txt2img({**body, "prompt": f"{body['prompt']}, take {i}", "seed": 100 + i})
         seq.append(time.perf_counter() - t)
         info = json.loads(r["info"])

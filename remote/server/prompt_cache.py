@@ -2,12 +2,12 @@
 
 A1111 keeps its last conditioning the same way. On an H100 the prompt phase of an SD1.5
 image at batch 1 (two eager CLIP passes, the prompt and the negative prompt) was 26 ms of
-234 ms; the negative prompt is most often the same from one request to the next, and users
-run a prompt again with other seeds.
+234 ms, and users run a prompt again with other seeds (or several clients the same one).
 
 The cache wraps a pipeline's own `encode_prompt`: each row (one prompt with its negative
-prompt) is looked up; rows not cached are encoded together by the original method, in one
-call, and their outputs kept. Anything the wrapper does not understand (precomputed
+prompt: a pair, since pipelines encode the two differently, e.g. clip_skip or SDXL's zeros
+for an empty negative prompt) is looked up; rows not cached are encoded together by the
+original method, in one call, and their outputs kept. Anything the wrapper does not understand (precomputed
 embeddings, num_images_per_prompt > 1, tensors among the arguments) goes straight through.
 """
 
