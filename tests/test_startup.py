@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import py_compile
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,7 +42,7 @@ def test_bytecode_is_kept_in_orchs_home_when_the_image_forbids_writing_it(tmp_pa
     code = f"""
         from pathlib import Path
         from remote.server.startup import keep_bytecode
-        keep_bytecode(Path({str(home / 'pycache')!r}))
+        keep_bytecode(Path({str(home / 'pycache')!r}), packages=("orchdemo",))
         import orchdemo
         print(orchdemo.__cached__)
     """
@@ -49,6 +52,15 @@ def test_bytecode_is_kept_in_orchs_home_when_the_image_forbids_writing_it(tmp_pa
     written = cached.stat().st_mtime_ns
     python(code, env={"PYTHONDONTWRITEBYTECODE": "1"}, path=[package])
     assert cached.stat().st_mtime_ns == written, "the second start used the cached bytecode, compiling nothing"
+
+    # Bytecode beside the sources (pip writes it at install) is used as it is, even where
+    # writing is forbidden: a prefix would make Python ignore it and compile everything again.
+    shipped = tmp_path / "shipped"
+    shutil.copytree(package, shipped)
+    py_compile.compile(str(shipped / "orchdemo" / "__init__.py"), cfile=importlib.util.cache_from_source(
+        str(shipped / "orchdemo" / "__init__.py")))
+    used = Path(python(code, env={"PYTHONDONTWRITEBYTECODE": "1"}, path=[shipped]).strip())
+    assert used.parent == shipped / "orchdemo" / "__pycache__"
 
     # An image that lets Python write bytecode where it always does is left alone.
     plain = Path(python(code, path=[package]).strip())

@@ -22,7 +22,7 @@ from pathlib import Path
 from collections import OrderedDict
 from typing import Any, Callable
 
-from . import checkpoints, lora, precompiled, samplers
+from . import checkpoints, graphed, lora, precompiled, samplers
 from .demo_model import DEMO_MODEL_NAME, ensure_demo_model
 from .prompt_cache import PromptCache
 
@@ -597,6 +597,11 @@ class ModelManager:
         else:
             model.pipeline.unet = self._compile_fn(unet)
         self._compile_vae_decode(model, model.builtin_vae)
+        if model.device == "cuda":
+            for name in ("text_encoder", "text_encoder_2"):  # eager, replayed as CUDA graphs (graphed.py)
+                encoder = getattr(model.pipeline, name, None)
+                if encoder is not None and not isinstance(encoder.forward, graphed.GraphedForward):
+                    graphed.install(encoder, model.graph_pool)
         model.compiled = True
 
     def _compile_vae_decode(self, model: LoadedModel, vae) -> None:

@@ -32,19 +32,27 @@ def prepare(home: Path) -> None:
     hide_unused_packages()
 
 
-def keep_bytecode(prefix: Path) -> None:
+def keep_bytecode(prefix: Path, packages: tuple[str, ...] = ("torch", "transformers", "diffusers")) -> None:
     """Cache compiled bytecode under orch's own directory when Python would not keep it.
 
-    When the image forbids writing bytecode (PYTHONDONTWRITEBYTECODE, often set to keep
-    container layers small) or its site-packages are read-only, nothing is cached and every
-    start compiles every module again. The cache then goes under `prefix` (in orch's home, so
-    kept across restarts and in saved environment images), never into the image's folders.
-    Child processes (Inductor's compile workers) inherit it through the environment."""
-    spec = importlib.util.find_spec("torch")
-    packages = Path(spec.origin).parent if spec is not None and spec.origin else None
-    writable = packages is not None and os.access(packages, os.W_OK)
-    if not (sys.flags.dont_write_bytecode or sys.dont_write_bytecode or not writable):
-        return  # Python already keeps __pycache__ beside the sources
+    When the image ships no bytecode for the big packages and forbids writing it
+    (PYTHONDONTWRITEBYTECODE, often set to keep container layers small) or its site-packages
+    are read-only, every start compiles every module again. The cache then goes under
+    `prefix` (in orch's home, so kept across restarts and in saved environment images), never
+    into the image's folders. Bytecode that is there (pip writes it at install) is used as it
+    is: a prefix would make Python ignore it. Child processes (Inductor's compile workers)
+    inherit the choice through the environment."""
+    forbidden = sys.flags.dont_write_bytecode or sys.dont_write_bytecode
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        if Path(importlib.util.cache_from_source(spec.origin)).exists():
+            continue  # shipped (or written by an earlier start): Python reads it
+        if forbidden or not os.access(Path(spec.origin).parent, os.W_OK):
+            break  # this package is compiled again at every start: keep bytecode ourselves
+    else:
+        return
     prefix.mkdir(parents=True, exist_ok=True)
     sys.dont_write_bytecode = False
     sys.pycache_prefix = str(prefix)
