@@ -72,32 +72,57 @@ def _key(args: tuple, kwargs: dict) -> tuple | None:
     return tuple(parts)
 
 
-class _Graph:
-    def __init__(self, forward: Callable[..., Any], args: tuple, kwargs: dict, pool: Any) -> None:
+class CudaGraph:
+    """fn(*inputs) replayed as a CUDA graph: the inputs at `arg_positions` are copied into
+    static buffers at each call (the others, weights, are used where they are); the outputs
+    (any nesting of tensors, as torch's pytree knows it) come back as copies."""
+
+    def __init__(self, fn: Callable[..., Any], inputs: list, arg_positions: list[int], pool: Any) -> None:
         import torch
 
-        self.args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        self.kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        self.static = list(inputs)
+        for i in arg_positions:
+            self.static[i] = inputs[i].clone()
+        self.arg_positions = arg_positions
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) outside the capture
-                forward(*self.args, **self.kwargs)
+            for _ in range(2):  # lazy kernel loading, cuBLAS handles and workspaces happen outside the capture
+                fn(*self.static)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = forward(*self.args, **self.kwargs)
+            self.outputs = fn(*self.static)
 
-    def __call__(self, args: tuple, kwargs: dict) -> Any:
+    def __call__(self, inputs: list) -> Any:
         import torch
         from torch.utils._pytree import tree_map
 
-        for static, given in zip(self.args, args):
-            if isinstance(static, torch.Tensor):
-                static.copy_(given)
-        for name, static in self.kwargs.items():
-            if isinstance(static, torch.Tensor):
-                static.copy_(kwargs[name])
+        for i in self.arg_positions:
+            self.static[i].copy_(inputs[i])
         self.graph.replay()
-        # Copies: the next replay overwrites the graph's own outputs.
+        # Copies: the next replay (of this or another graph in the same pool) overwrites them.
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, self.outputs)
+
+
+class _Graph:
+    """One signature of a forward: its positional and keyword arguments as one flat list."""
+
+    def __init__(self, forward: Callable[..., Any], args: tuple, kwargs: dict, pool: Any) -> None:
+        import torch
+
+        self.positional = len(args)
+        self.names = list(kwargs)
+        flat = self._flat(args, kwargs)
+        tensors = [i for i, value in enumerate(flat) if isinstance(value, torch.Tensor)]
+
+        def call(*values: Any) -> Any:
+            return forward(*values[: self.positional], **dict(zip(self.names, values[self.positional :])))
+
+        self.graph = CudaGraph(call, flat, tensors, pool)
+
+    def _flat(self, args: tuple, kwargs: dict) -> list:
+        return [*args, *(kwargs[name] for name in self.names)]
+
+    def __call__(self, args: tuple, kwargs: dict) -> Any:
+        return self.graph(self._flat(args, kwargs))

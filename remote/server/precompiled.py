@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .graphed import CudaGraph
+
 log = logging.getLogger("orch.server")
 
 FORMAT = 1  # bump when what an artifact assumes changes
@@ -120,36 +122,8 @@ def module_digest(module) -> str:
 class _Entry:
     compiled: Callable[..., Any]  # the Inductor artifact: flat tensors in, list of tensors out
     order: list[tuple[str, str]]  # ("param", name) or ("arg", path) for each input
-    graph: Any = None  # _CudaGraph once captured
+    graph: Any = None  # graphed.CudaGraph once captured
     pointers: tuple[int, ...] = ()  # weight addresses the graph was captured with
-
-
-class _CudaGraph:
-    """One input signature replayed as a CUDA graph: arguments are copied into static buffers."""
-
-    def __init__(self, compiled, inputs: list, arg_positions: list[int], pool) -> None:
-        import torch
-
-        self.static = list(inputs)
-        for i in arg_positions:
-            self.static[i] = inputs[i].clone()
-        self.arg_positions = arg_positions
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy kernel loading and cuBLAS workspaces happen outside the capture
-                compiled(*self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = compiled(*self.static)
-
-    def __call__(self, inputs: list) -> list:
-        for i in self.arg_positions:
-            self.static[i].copy_(inputs[i])
-        self.graph.replay()
-        # Copies: the next replay (of this or another graph in the shared pool) overwrites them.
-        return [o.clone() for o in self.outputs]
 
 
 class PrecompiledFunction:
@@ -205,7 +179,7 @@ class PrecompiledFunction:
         pointers = tuple(x.data_ptr() for (kind, _), x in zip(entry.order, inputs) if kind == "param")
         if entry.graph is None or entry.pointers != pointers:
             arg_positions = [i for i, (kind, _) in enumerate(entry.order) if kind == "arg"]
-            entry.graph = _CudaGraph(entry.compiled, inputs, arg_positions, self.pool)
+            entry.graph = CudaGraph(entry.compiled, inputs, arg_positions, self.pool)
             entry.pointers = pointers
         return entry.graph(inputs)
 
