@@ -14,12 +14,9 @@ from typing import Any
 import yaml
 
 from .durations import DurationError, parse_duration
+from .errors import ConfigError
 
 PROVIDERS = ("local", "ssh", "aws", "runpod", "vast", "lambda", "autodl")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def orch_home() -> Path:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import re
 
+from .errors import DurationError
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-
-
-class DurationError(ValueError):
-    pass
 
 
 def parse_duration(text: str | int | float, *, what: str = "duration") -> float:

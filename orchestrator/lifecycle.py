@@ -876,7 +876,7 @@ def _remote_code_bundle() -> tuple[bytes, str]:
     package_root = root.parent / "orchestrator"
     # The instance needs `remote` and the storage sync (it pulls models itself), nothing laptop-only.
     files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    files += [package_root / "__init__.py"]
+    files += [package_root / "__init__.py", package_root / "errors.py"]
     files += sorted(p for p in (package_root / "storage").rglob("*.py") if "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     buf = io.BytesIO()

@@ -80,11 +80,33 @@ def orch(orch_home, tmp_path):
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
     """A real S3 endpoint on 127.0.0.1 (rclone serve s3) with bucket `bkt`, in this test's environment."""
-    from .s3server import RcloneS3
+    from tests.helpers.s3server import RcloneS3
 
     server = RcloneS3(tmp_path / "s3-root")
     server.make_bucket("bkt")
     for k, v in server.env().items():
         monkeypatch.setenv(k, v)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    from tests.helpers.net import free_port as _free_port
+
+    return _free_port()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real OpenSSH sshd on 127.0.0.1 (Debian's openssh-server), with a user key it accepts."""
+    from tests.helpers.sshd import SSHD, Sshd
+
+    if not os.path.exists(SSHD):
+        if os.environ.get("CI"):
+            pytest.fail("OpenSSH sshd is missing: .ci/run installs openssh-server")
+        pytest.skip("OpenSSH sshd is not installed (apt-get install openssh-server)")
+    server = Sshd(tmp_path / "sshd")
+    server.start()
     yield server
     server.stop()

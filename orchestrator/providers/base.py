@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import OrchError
+
 
 class InstanceStatus(str, enum.Enum):
     PENDING = "PENDING"
@@ -31,7 +33,7 @@ class InstanceStatus(str, enum.Enum):
 # Errors. Each names what the user can do about it.
 
 
-class ProviderError(Exception):
+class ProviderError(OrchError):
     """Base of every error a provider raises."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 
 import blake3
 
+from ..errors import StorageError
 from .cache import TransferCache, hash_file
 
 Progress = Callable[[int], None]
@@ -29,10 +30,6 @@ MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 64 * MIB
 MAX_PARTS = 10_000
 WORKERS = 8
-
-
-class StorageError(Exception):
-    pass
 
 
 class CorruptBlob(StorageError):

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import getpass
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,77 +11,6 @@ import yaml
 from PIL import Image
 
 pytestmark = pytest.mark.slow
-
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sshd:
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-        root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "user_key")], check=True)
-        (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
-        os.chmod(root / "authorized_keys", 0o600)
-        self.new_host_key()
-
-    def new_host_key(self) -> None:
-        for f in ("host_key", "host_key.pub"):
-            (self.root / f).unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.root / "host_key")], check=True)
-
-    def start(self) -> None:
-        cfg = self.root / "sshd_config"
-        cfg.write_text(f"""Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {self.root / 'host_key'}
-AuthorizedKeysFile {self.root / 'authorized_keys'}
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-StrictModes no
-UsePAM no
-AllowTcpForwarding local
-PidFile {self.root / 'sshd.pid'}
-Subsystem sftp internal-sftp
-""")
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stderr=open(self.root / "sshd.log", "ab"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError("sshd did not start: " + (self.root / "sshd.log").read_text())
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def sshd(tmp_path):
-    if not os.path.exists(SSHD):
-        if os.environ.get("CI"):
-            pytest.fail("OpenSSH sshd is missing: .ci/run installs openssh-server")
-        pytest.skip("OpenSSH sshd is not installed (apt-get install openssh-server)")
-    server = Sshd(tmp_path / "sshd")
-    server.start()
-    yield server
-    server.stop()
 
 
 def _marked_pids(name: str) -> list[int]:

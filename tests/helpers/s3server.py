@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from .net import free_port, wait_listening
 
 ACCESS_KEY = "orchtestaccesskey"
 SECRET_KEY = "orchtestsecretkey-do-not-log"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RcloneS3:
     def __init__(self, root: Path):
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         binary = shutil.which("rclone")
         if binary is None:
@@ -33,14 +28,9 @@ class RcloneS3:
             stdout=subprocess.DEVNULL, stderr=open(root.parent / "rclone.log", "ab"),
             env={**os.environ, "RCLONE_CONFIG": "/dev/null"},
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    time.sleep(0.3)
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("rclone serve s3 did not start")
+        if not wait_listening(self.port, 15, alive=lambda: self.proc.poll() is None):
+            raise RuntimeError("rclone serve s3 did not start")
+        time.sleep(0.3)
 
     def make_bucket(self, name: str) -> None:
         (self.root / name).mkdir(parents=True, exist_ok=True)

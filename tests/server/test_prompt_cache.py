@@ -7,7 +7,7 @@ import torch
 
 from remote.server.demo_model import build_demo_pipeline
 from remote.server.prompt_cache import PromptCache
-from tests.model_files import build_tiny_sdxl
+from tests.helpers.model_files import build_tiny_sdxl
 
 
 def counting(pipe) -> list[int]:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from remote.server.demo_model import ensure_demo_model
 
-from .s3server import SECRET_KEY
+from tests.helpers.s3server import SECRET_KEY
 
 pytestmark = pytest.mark.slow
 

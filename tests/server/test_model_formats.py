@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.model_files import build_tiny_sdxl, write_kohya_lora, write_ldm_vae
+from tests.helpers.model_files import build_tiny_sdxl, write_kohya_lora, write_ldm_vae
 from remote.server import checkpoints, lora
 from remote.server.pipelines import GenerationRequest, ModelManager, RequestError
 

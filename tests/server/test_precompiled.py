@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "precompiled-token-0123"
 
 # One process = one start: build the demo pipeline, put the precompiled stand-ins in place,

@@ -10,18 +10,13 @@ import pytest
 from PIL import Image
 
 from orchestrator.providers.local import instance_processes
+from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_up_gen_down_leaves_pngs_and_nothing_running(orch, orch_home, tmp_path):
-    port = _free_port()
+    port = free_port()
     up = orch("up", "box", "--detach", "--port", str(port), "--json").json
     assert up["status"] == "RUNNING" and up["provider"] == "local"
     assert up["url"] == f"http://127.0.0.1:{port}"

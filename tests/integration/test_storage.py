@@ -16,7 +16,7 @@ import pytest
 from orchestrator.storage import hash_file
 from orchestrator.storage.stores import blob_key
 
-from .s3server import SECRET_KEY
+from tests.helpers.s3server import SECRET_KEY
 
 MIB = 1024 * 1024
 

@@ -1,12 +1,7 @@
-"""The `orch` command. Thin: parse, call one function below, render.
-
-With --json a command prints exactly one JSON object on stdout; progress and logs go
-to stderr, always.
-"""
+"""Commands that create, drive and report instances: up, down, status, ls, gen, offers, extend, gc."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,64 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, Deadlines, Settings, check_provider, load_settings, parse_budget
-from .durations import DurationError, parse_duration
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rent a GPU, run Stable Diffusion on it, never pay for a minute you did not use.")
-err = Console(stderr=True)
-
-
-class Failure(Exception):
-    """An error to show the user: a message, exit code 1 (and {"error": ...} under --json)."""
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except (ConfigError, DurationError) as e:
-        raise Failure(str(e)) from None
-
-
-def _orch(settings: Settings | None = None):
-    from .lifecycle import Orchestrator
-
-    return Orchestrator(settings or _settings())
-
-
-def _emit(as_json: bool, data: dict[str, Any], human: str | None = None) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
-        sys.stdout.flush()
-    elif human is not None:
-        Console().print(human, highlight=False)
-
-
-def _progress(msg: str) -> None:
-    err.print(f"[dim]•[/dim] {msg}", highlight=False)
-
-
-def _run(as_json: bool, fn) -> Any:
-    """Call fn, turning known errors into one clear message (and a JSON error object)."""
-    from .errors import LifecycleError, SshError
-    from .providers.base import ProviderError
-    from .storage.stores import StorageError
-
-    try:
-        return fn()
-    except (Failure, LifecycleError, ProviderError, SshError, StorageError, ConfigError, DurationError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        if as_json:
-            _emit(True, {"error": str(e)})
-        raise typer.Exit(1) from None
-
-
-def _duration(value: Optional[str], what: str, default: float) -> float:
-    if value is None:
-        return default
-    try:
-        return parse_duration(value, what=what)
-    except DurationError as e:
-        raise Failure(str(e)) from None
+from ..config import ConfigError, Deadlines, check_provider, parse_budget
+from .app import Failure, _duration, _emit, _orch, _progress, _run, _settings, app, err
 
 
 @app.command()
@@ -96,7 +35,7 @@ def up(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Provision (or attach to) an instance, start the image server, open the tunnel, print the URL."""
-    from .lifecycle import UpOptions
+    from ..lifecycle import UpOptions
 
     def go():
         settings = _settings()
@@ -285,7 +224,7 @@ def extend(
 
 
 def _fmt_left(left: dict[str, float]) -> dict[str, str]:
-    from .durations import format_duration
+    from ..durations import format_duration
 
     return {k: (f"${v:.2f}" if k == "budget_usd" else format_duration(max(0, v))) for k, v in left.items()}
 
@@ -320,106 +259,6 @@ def _warn_strays(orch) -> None:
         err.print(f"[yellow]warning:[/yellow] {s['provider']}:{s['instance_id']} ({s['name']}) {s['reason']}; `orch gc` stops it")
 
 
-sync_app = typer.Typer(help="Content-addressed sync between local paths and a bucket or directory store.")
-app.add_typer(sync_app, name="sync")
-
-
-class _RichProgress:
-    """Per-file and total progress bars on stderr (bytes, rate, ETA)."""
-
-    def __init__(self, enabled: bool):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), console=err, transient=True, disable=not enabled)
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def file(self, name: str, size: int):
-        task = self.progress.add_task(name[-40:], total=size)
-        self.tasks[name] = task
-        return lambda n: self.progress.advance(task, n)
-
-    def file_done(self, name: str) -> None:
-        task = self.tasks.pop(name, None)
-        if task is not None:
-            self.progress.remove_task(task)
-
-
-def _transfer_cache():
-    from .config import orch_home
-    from .storage import TransferCache
-
-    return TransferCache(orch_home() / "transfers.db")
-
-
-def _sync(direction: str, src: str, dst: str, as_json: bool) -> None:
-    from .storage import StorageError, pull, push
-
-    def go():
-        with _RichProgress(enabled=err.is_terminal) as progress:
-            try:
-                if direction == "push":
-                    return push(Path(src).expanduser(), dst, _transfer_cache(), progress)
-                return pull(src, dst, _transfer_cache(), progress)
-            except StorageError as e:
-                raise Failure(str(e)) from None
-
-    result = _run(as_json, go).as_json()
-    _emit(as_json, {k: v for k, v in result.items() if k != "transferred"},
-          f"{result['files']} file(s): {result['bytes_transferred']:,} bytes transferred, {result['bytes_skipped']:,} skipped "
-          f"in {result['seconds']:.2f}s")
-
-
-@sync_app.command("push")
-def sync_push(src: str = typer.Argument(..., help="Local file or directory."),
-              dst: str = typer.Argument(..., help="s3://bucket/prefix, file:///dir or a directory path."),
-              as_json: bool = typer.Option(False, "--json")) -> None:
-    """Upload what the store does not hold yet (by BLAKE3, under any name); resumable."""
-    _sync("push", src, dst, as_json)
-
-
-@sync_app.command("pull")
-def sync_pull(src: str = typer.Argument(..., help="s3://bucket/prefix[/file], file:///dir or a directory path."),
-              dst: str = typer.Argument(..., help="Local directory (or file)."),
-              as_json: bool = typer.Option(False, "--json")) -> None:
-    """Download what the destination does not hold yet; verified, resumable, atomic."""
-    _sync("pull", src, dst, as_json)
-
-
-@app.command()
-def models(url: Optional[str] = typer.Argument(None, help="Store URL; default: storage.url in orch.yaml."),
-           as_json: bool = typer.Option(False, "--json")) -> None:
-    """What the store holds: each pushed prefix with its files and size."""
-    from .storage import StorageError, list_models
-
-    def go():
-        target = url or _settings().storage.url
-        if not target:
-            raise Failure("no store given: pass a URL (s3://bucket/prefix) or set storage.url in orch.yaml")
-        try:
-            return list_models(target)
-        except StorageError as e:
-            raise Failure(str(e)) from None
-
-    rows = _run(as_json, go)
-    if as_json:
-        _emit(True, {"models": rows})
-        return
-    table = Table()
-    for col in ("url", "files", "size"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["url"], str(r["files"]), f"{r['bytes'] / 1e6:,.1f} MB")
-    Console().print(table)
-
-
 @app.command("forget-host-key")
 def forget_host_key(name: str = typer.Argument(...)) -> None:
     """Drop the pinned SSH host key of an instance (after it was really rebuilt)."""
@@ -436,14 +275,6 @@ def forget_host_key(name: str = typer.Argument(...)) -> None:
 
 @app.command("tunnel-daemon", hidden=True)
 def tunnel_daemon(name: str = typer.Argument(...), port: Optional[int] = typer.Option(None, "--port")) -> None:
-    from .lifecycle import run_tunnel_daemon
+    from ..lifecycle import run_tunnel_daemon
 
     _run(False, lambda: run_tunnel_daemon(_orch(), name, port))
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
