@@ -110,3 +110,30 @@ def sshd(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_provider():
+    """An in-memory provider (tests/helpers/fake_provider.py)."""
+    from tests.helpers.fake_provider import FakeProvider
+
+    return FakeProvider()
+
+
+@pytest.fixture
+def mock_transport():
+    """httpx.MockTransport from a handler, plus the requests it saw: the seam REST providers are tested through."""
+    import httpx
+
+    def make(handler):
+        seen: list[httpx.Request] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return handler(request)
+
+        transport = httpx.MockTransport(record)
+        transport.requests = seen  # type: ignore[attr-defined]
+        return transport
+
+    return make

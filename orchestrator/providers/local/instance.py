@@ -1,6 +1,6 @@
 """The local instance's SSH server: what makes a directory on this machine an instance.
 
-Run as `python -m orchestrator.providers.local_instance DIR`. It listens on 127.0.0.1 on a
+Run as `python -m orchestrator.providers.local.instance DIR`. It listens on 127.0.0.1 on a
 free port with the instance's own host key, accepts only the keys in DIR/authorized_keys,
 and offers exec (and a shell), local port forwarding to the instance's loopback, and SFTP
 rooted at the instance's disk. Every process it starts carries ORCH_LOCAL_INSTANCE in its
@@ -23,20 +23,21 @@ MARKER_ENV = "ORCH_LOCAL_INSTANCE"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 
 
+# What a local instance inherits from this machine: the machine's own setup (paths, locale,
+# GPU libraries), never the laptop user's settings or secrets (AWS_*, tokens, ORCH_*). A cloud
+# instance would not have them either; orch hands an instance what it needs over SSH stdin.
+_INHERITED = ("PATH", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "USER", "LOGNAME", "SHELL", "LD_LIBRARY_PATH")
+_INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_")
+
+
 def instance_environment(instance_dir: Path) -> dict[str, str]:
     """The environment every process of the instance starts with."""
     meta = json.loads((instance_dir / "meta.json").read_text())
     disk = instance_dir / "disk"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # The instance is its own machine: it does not see the laptop's orch settings.
-        if not k.startswith("ORCH_") and k not in ("HOME", "PWD", "OLDPWD", "VIRTUAL_ENV_PROMPT")
-    }
+    env = {k: v for k, v in os.environ.items() if k in _INHERITED or k.startswith(_INHERITED_PREFIXES)}
     # The local provider shares the laptop's installation of orch: the instance's
     # interpreter imports `remote` from the same place.
-    code_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
     env.update(
         HOME=str(disk),
         USER=env.get("USER", "orch"),

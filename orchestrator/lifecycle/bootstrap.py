@@ -1,0 +1,149 @@
+"""Make a fresh instance an orch instance: its code, the agent armed, the server's packages.
+
+A bootstrap is a strategy chosen per instance (`choose`): today `FreshInstall`; the images
+work adds restore strategies here without touching the others. Every strategy arms the
+agent before anything slow, and returns the runtime the later phases use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shlex
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Deadlines
+from ..errors import LifecycleError
+from ..providers.base import Provider, RemoteRuntime
+from ..ssh import RemoteCommandFailed, sh_path
+from ..state import InstanceRecord
+from .context import Ctx
+from .remote import Remote, _b64json
+
+
+class BootstrapStrategy(Protocol):
+    name: str
+
+    def prepare(self, ctx: Ctx, remote: Remote, record: InstanceRecord) -> RemoteRuntime:
+        """Bring the instance to where the server can start; return how orch's code runs there."""
+        ...
+
+
+def choose(record: InstanceRecord) -> BootstrapStrategy:
+    return FreshInstall()
+
+
+class FreshInstall:
+    """orch's code uploaded where missing, the agent armed, orch[server] installed into a venv if missing."""
+
+    name = "fresh-install"
+
+    def prepare(self, ctx: Ctx, remote: Remote, record: InstanceRecord) -> RemoteRuntime:
+        # 1. orch's instance code, where the host lacks it
+        upload_code(ctx, remote)
+        # 2. the agent, before anything slow (where the startup script armed it, this keeps its clocks)
+        provider = ctx.provider(record.provider)
+        remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
+        # 3. the server's packages
+        missing = remote.check_deps()["missing"]
+        if missing:
+            ctx.progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(missing)})")
+            install_server_env(ctx, remote, record)
+        # 4. the server's token
+        remote.put_bytes((record.token or "").encode(), f"{remote.runtime.home}/token")
+        return remote.runtime
+
+
+def upload_code(ctx: Ctx, remote: Remote) -> None:
+    runtime = remote.runtime
+    if runtime.code_on_path:
+        return
+    bundle, version = code_bundle()
+    app = f"{runtime.home}/app"
+    found = remote.run(f"cat {sh_path(app)}/.version 2>/dev/null || true").stdout.strip()
+    if found == version:
+        return
+    ctx.progress(f"{remote.name}: uploading orch's instance code")
+    script = f"rm -rf {sh_path(app)} && mkdir -p {sh_path(app)} && tar -xzf - -C {sh_path(app)} && echo {version} > {sh_path(app)}/.version"
+    remote.run(f"sh -c {shlex.quote(script)}", stdin=bundle)
+
+
+def install_server_env(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
+    runtime = remote.runtime
+    venv = f"{runtime.home}/venv"
+    reqs = " ".join(shlex.quote(r) for r in server_requirements())
+    script = (f"{shlex.quote(runtime.python)} -m venv --system-site-packages {sh_path(venv)} && "
+              f"{sh_path(venv)}/bin/python -m pip install --quiet {reqs}")
+    try:
+        remote.run(f"sh -c {shlex.quote(script)}", timeout=3600)
+    except RemoteCommandFailed as e:
+        raise LifecycleError(f"installing the server's packages on the instance failed: {e}") from None
+    python = remote.run(f"sh -c {shlex.quote(f'cd {sh_path(venv)} && pwd')}").stdout.strip() + "/bin/python"
+    ctx.state.update(record.name, remote_python=python)
+    remote.runtime = replace(runtime, python=python)
+    missing = remote.check_deps()["missing"]
+    if missing:
+        raise LifecycleError(f"after installing, the instance still lacks: {', '.join(missing)}")
+
+
+def agent_config(provider: Provider, name: str, price_per_hour: float, deadlines: Deadlines, created_at: float) -> dict[str, Any]:
+    return {**deadlines.as_json(), "price_per_hour": price_per_hour, "created_at": created_at,
+            "stop_command": provider.self_stop_command(name)}
+
+
+def startup_script(runtime: RemoteRuntime, config: dict[str, Any]) -> str:
+    """What the instance runs at boot, before anything slow: arm the agent."""
+    home = sh_path(runtime.home)
+    pythonpath = "" if runtime.code_on_path else f'export PYTHONPATH={home}/app"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+    return (
+        "#!/bin/sh\n"
+        "# orch: arm the auto-shutdown agent first\n"
+        f"mkdir -p {home}\n"
+        f"{pythonpath}"
+        f'PY="${{ORCH_PYTHON:-{runtime.python}}}"\n'
+        f'if "$PY" -c "import remote.agent" 2>/dev/null; then\n'
+        f'  "$PY" -m remote.agent --home {home} arm --config-b64 {_b64json(config)} >> {home}/agent-arm.log 2>&1\n'
+        "fi\n"
+    )
+
+
+def server_requirements() -> list[str]:
+    """orch[server]'s requirements, as this installation declares them."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("orch") or []
+    except PackageNotFoundError:
+        reqs = []
+    server = [r.split(";")[0].strip() for r in reqs if "extra == \"server\"" in r or "extra == 'server'" in r]
+    return server or ["torch>=2.2", "diffusers>=0.30", "transformers>=4.40", "safetensors>=0.4", "accelerate>=0.30",
+                      "fastapi>=0.110", "uvicorn>=0.29", "pillow>=10"]
+
+
+def code_bundle() -> tuple[bytes, str]:
+    """The instance's code as a tar.gz, and a version string that changes with its content.
+
+    The instance needs `remote` and the storage sync (it pulls models itself), nothing laptop-only.
+    """
+    import remote
+
+    root = Path(remote.__file__).parent
+    package_root = root.parent / "orchestrator"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files += [package_root / "__init__.py", package_root / "errors.py"]
+    files += sorted(p for p in (package_root / "storage").rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for p in files:
+            rel = p.relative_to(root.parent)
+            data = p.read_bytes()
+            digest.update(str(rel).encode() + b"\0" + data)
+            info = tarfile.TarInfo(str(rel))
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), digest.hexdigest()[:16]

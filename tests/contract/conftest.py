@@ -1,0 +1,64 @@
+"""Providers under contract: each one a fixture case that the same tests run against.
+
+A case gives the provider (configured against real loopback parts, or a simulator of its
+API whose instances are real local instances), an offer it can serve, one it cannot (its
+create must raise InsufficientCapacity and leave nothing), and the key that opens SSH to its
+instances. A new provider adds one function here and one name to PROVIDERS.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.providers.base import Offer, Provider
+from orchestrator.ssh import ensure_user_key, public_key_line
+
+
+@dataclass
+class Case:
+    provider: Provider
+    offer: Offer
+    unavailable: Offer
+    key: Path  # private key that opens SSH to the provider's instances
+    public_key: str
+
+
+def _local(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.local import LocalProvider
+
+    key = ensure_user_key(tmp_path / "home")
+    provider = LocalProvider(tmp_path / "local", price_per_hour=0.5)
+    offer = provider.offers()[0]
+    return Case(provider, offer, replace(offer, gpu="no-such-gpu"), key, public_key_line(key))
+
+
+def _ssh(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.ssh import Settings, SshHostProvider
+
+    sshd = request.getfixturevalue("sshd")
+    settings = Settings(host="127.0.0.1", port=sshd.port, user=getpass.getuser(), key=str(sshd.root / "user_key"),
+                        python=sys.executable, workdir=str(tmp_path / "ssh-work"), price_per_hour=0.5)
+    provider = SshHostProvider(settings, known_hosts=tmp_path / "known_hosts")
+    offer = provider.offers()[0]
+    key = sshd.root / "user_key"
+    return Case(provider, offer, replace(offer, offer_id="nobody@elsewhere:22"), key, public_key_line(key))
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh}
+
+
+@pytest.fixture(params=sorted(PROVIDERS))
+def case(request, tmp_path):
+    built = PROVIDERS[request.param](tmp_path, request)
+    yield built
+    # Whatever a failed test left behind is terminated.
+    for inst in built.provider.list():
+        try:
+            built.provider.terminate(inst.instance_id)
+        except Exception:
+            pass

@@ -1,0 +1,116 @@
+"""The lifecycle's decisions with an in-memory provider: failover, tags, reconcile, stop first."""
+
+from __future__ import annotations
+
+import time
+import pytest
+
+from orchestrator.config import Settings
+from orchestrator.errors import ConfigError, LifecycleError, StateError
+from orchestrator.lifecycle import Orchestrator, UpOptions
+from orchestrator.lifecycle import provision
+from orchestrator.lifecycle.context import Ctx
+from orchestrator.providers.base import RUN_TAG, Capabilities, Instance, InstanceStatus
+from orchestrator.state import InstanceRecord, State
+
+
+@pytest.fixture
+def orch(tmp_path, fake_provider):
+    settings = Settings(provider="fake")
+    return Orchestrator(settings, state=State(tmp_path / "state.db"), home=tmp_path, provider_factory=lambda name: fake_provider)
+
+
+def test_failover_moves_on_after_a_capacity_error_and_tags_the_create(orch, fake_provider):
+    fake_provider.no_capacity = {"A100"}
+    ctx: Ctx = orch.ctx
+    opts = UpOptions(name="box")
+    record, attempts = provision.create(ctx, fake_provider, opts, fake_provider.offers())
+    assert [c for c in fake_provider.calls if c[0] == "create"] == [("create", "A100"), ("create", "H100")]
+    assert [(a.gpu, a.error) for a in attempts] == [("A100", "no A100 left")]
+    assert record.gpu == "H100" and record.instance_id == "fake-1"
+    created = fake_provider.get("fake-1")
+    assert created.tags[RUN_TAG] == record.run_id and created.tags["orch-name"] == "box", "the create carries orch's run id"
+
+
+def test_no_capacity_anywhere_fails_with_every_reason_and_creates_nothing(orch, fake_provider):
+    fake_provider.no_capacity = {"A100", "H100"}
+    with pytest.raises(provision.NoCapacity) as e:
+        provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
+    assert "A100 in fake-1: no A100 left" in str(e.value) and "H100 in fake-1: no H100 left" in str(e.value)
+    assert [a.gpu for a in e.value.attempts] == ["A100", "H100"]
+    assert fake_provider.instances == {} and orch.state.get("box").state == "FAILED"
+
+
+def test_a_create_whose_answer_was_lost_is_found_by_its_tag_and_stopped(orch, fake_provider):
+    fake_provider.gpus = ("A100",)
+    fake_provider.lose_answer = {"A100"}
+    with pytest.raises(LifecycleError, match="stopped so nothing bills"):
+        orch.up(UpOptions(name="box"))
+    record = orch.state.get("box")
+    assert record.instance_id == "fake-1", "adopted by its run id"
+    assert fake_provider.get("fake-1").status == InstanceStatus.STOPPED
+    assert record.state == "STOPPED" and record.stop_reason.startswith("up failed")
+
+
+def test_an_up_that_died_mid_create_is_adopted_and_stopped_by_the_next_command(orch, fake_provider):
+    # What a killed `orch up` leaves: the intent recorded with its run id, an instance tagged with it, no id recorded.
+    now = time.time()
+    orch.state.insert(InstanceRecord(name="box", provider="fake", state="PROVISIONING", created_at=now, updated_at=now,
+                                     run_id="run-1", owner="999999999:1.0"))
+    fake_provider.instances["fake-9"] = Instance("fake", "fake-9", "box", InstanceStatus.RUNNING, "running",
+                                                 tags={"orch": "1", "orch-name": "box", RUN_TAG: "run-1"})
+    messages = []
+    rows = orch.status(progress=messages.append)
+    assert rows[0].record.instance_id == "fake-9" and rows[0].record.state == "STOPPED"
+    assert fake_provider.get("fake-9").status == InstanceStatus.STOPPED
+    assert any("interrupted" in m for m in messages)
+    assert orch.strays() == []
+
+
+def test_an_interrupted_up_that_created_nothing_is_marked_failed(orch, fake_provider):
+    now = time.time()
+    orch.state.insert(InstanceRecord(name="box", provider="fake", state="PROVISIONING", created_at=now, updated_at=now,
+                                     run_id="run-2", owner="999999999:1.0"))
+    row = orch.status()[0]
+    assert row.record.state == "FAILED" and "created nothing" in orch.state.events("box")[-1]["detail"]
+
+
+def test_down_stops_first_and_reports_a_state_it_could_not_write(orch, fake_provider, monkeypatch):
+    record, _ = provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
+    orch.state.transition("box", "RUNNING", "test", owner=None)
+
+    def refuse(*a, **k):
+        raise StateError("cannot record the change in state.db: database or disk is full")
+
+    monkeypatch.setattr(State, "transaction", refuse)
+    with pytest.raises(StateError, match="box is stopped .*could not record that: .*disk is full"):
+        orch.down("box")
+    assert fake_provider.get(record.instance_id).status == InstanceStatus.STOPPED, "billing stopped anyway"
+
+
+def test_a_provider_that_cannot_stop_is_terminated_and_says_why(orch, fake_provider):
+    fake_provider.capabilities = Capabilities(can_stop=False, can_start=False,
+                                              reasons={"can_stop": "Lambda instances cannot be stopped, only terminated"})
+    provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
+    orch.state.transition("box", "RUNNING", "test", owner=None)
+    messages = []
+    result = orch.down("box", progress=messages.append)
+    assert result.status == "TERMINATED" and ("terminate", "fake-1") in fake_provider.calls
+    assert any("Lambda instances cannot be stopped, only terminated: terminating instead" in m for m in messages)
+
+
+def test_a_price_flag_is_refused_where_the_provider_sets_prices(orch, fake_provider):
+    with pytest.raises(ConfigError, match="--price-per-hour: provider fake prices its instances itself"):
+        orch.up(UpOptions(name="box", price_per_hour=1.0))
+    assert fake_provider.calls == [] and orch.state.get("box") is None
+
+
+def test_cost_counts_only_billing_time_of_this_instance(orch, fake_provider):
+    now = time.time()
+    orch.state.insert(InstanceRecord(name="old", provider="fake", state="RUNNING", created_at=now - 100, updated_at=now - 100,
+                                     price_per_hour=3600.0))
+    orch.state.delete("old")  # an earlier instance of the same name: its events stay
+    record = InstanceRecord(name="old", provider="fake", state="PROVISIONING", created_at=time.time(), updated_at=time.time(),
+                            price_per_hour=3600.0)
+    orch.state.insert(record)
+    assert orch.cost(orch.state.get("old")) < 5, "the earlier instance's 100 s are not charged again"
