@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -35,9 +36,13 @@ def instance_environment(instance_dir: Path) -> dict[str, str]:
     meta = json.loads((instance_dir / "meta.json").read_text())
     disk = instance_dir / "disk"
     env = {k: v for k, v in os.environ.items() if k in _INHERITED or k.startswith(_INHERITED_PREFIXES)}
-    # The local provider shares the laptop's installation of orch: the instance's
-    # interpreter imports `remote` from the same place.
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
+    if meta.get("path_prefix"):  # a simulated cloud image's own programs (tests/simulators/hosts.py)
+        env["PATH"] = meta["path_prefix"] + os.pathsep + env.get("PATH", os.defpath)
+    if not meta.get("clean_pythonpath"):
+        # The local provider shares the laptop's installation of orch: the instance's
+        # interpreter imports `remote` from the same place.
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
+    env.update(meta.get("env") or {})
     env.update(
         HOME=str(disk),
         USER=env.get("USER", "orch"),
@@ -53,14 +58,65 @@ def instance_environment(instance_dir: Path) -> dict[str, str]:
 
 
 class _Server(asyncssh.SSHServer):
+    """Keys from the instance's authorized_keys (what the provider installed) and from
+    ~/.ssh/authorized_keys on its disk (what a start script installed); a password where the
+    instance has one (AutoDL-style root passwords, in simulators)."""
+
+    def __init__(self, instance_dir: Path, password: str | None):
+        self._files = [instance_dir / "authorized_keys", instance_dir / "disk" / ".ssh" / "authorized_keys"]
+        self._password = password
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        wanted = key.export_public_key().decode().split()[:2]
+        for path in self._files:
+            try:
+                lines = path.read_text().splitlines()
+            except OSError:
+                continue
+            if any(line.split()[:2] == wanted for line in lines if line.strip() and not line.startswith("#")):
+                return True
+        return False
+
+    def password_auth_supported(self) -> bool:
+        return self._password is not None
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return self._password is not None and secrets.compare_digest(password, self._password)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
         # Only the instance's own loopback is reachable through it, like `PermitOpen localhost:*`.
         return dest_host in LOOPBACK_NAMES
 
 
+async def _copy(reader, writer, close: bool = False) -> None:
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (OSError, asyncssh.Error, asyncio.CancelledError):
+        pass
+    finally:
+        if close:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+
 async def _serve(instance_dir: Path) -> None:
     disk = instance_dir / "disk"
     env = instance_environment(instance_dir)
+    meta = json.loads((instance_dir / "meta.json").read_text())
+    listen = meta.get("listen") or {"host": "127.0.0.1", "port": 0}
 
     async def handle_process(process: asyncssh.SSHServerProcess) -> None:
         command = process.command
@@ -78,22 +134,24 @@ async def _serve(instance_dir: Path) -> None:
             process.stderr.write(f"cannot run command: {e}\n")
             process.exit(127)
             return
-        await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
+        # Forward by hand, to EOF, before the exit status: with process.redirect() a command that
+        # exits at once could have its status sent before its output (`echo ok` read back as '').
+        feeding = asyncio.ensure_future(_copy(process.stdin, proc.stdin, close=True))
+        await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))
         code = await proc.wait()
+        feeding.cancel()
         process.exit(code if code >= 0 else 128 - code)
 
     server = await asyncssh.create_server(
-        _Server,
-        "127.0.0.1",
-        0,
+        lambda: _Server(instance_dir, meta.get("password")),
+        listen["host"],
+        listen["port"],
         server_host_keys=[str(instance_dir / "host_key")],
-        authorized_client_keys=str(instance_dir / "authorized_keys"),
         process_factory=handle_process,
         encoding=None,
         sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(disk).encode()),
         allow_scp=True,
         keepalive_interval=15,
-        password_auth=False,
         kbdint_auth=False,
     )
     port = server.sockets[0].getsockname()[1]
