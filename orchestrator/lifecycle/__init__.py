@@ -76,6 +76,9 @@ class Orchestrator:
         if record and opts.create_only:
             raise ConfigError(f"instance {opts.name} exists: {', '.join(opts.create_only)} apply only when an instance is "
                               f"created; `orch down {opts.name} --terminate` first, or pick another name")
+        if not provider.capabilities.self_stop:
+            ctx.progress(f"warning: {provider.capabilities.why_not('self_stop')}: if this laptop goes away, nothing "
+                         f"stops {opts.name} by itself; only `orch down {opts.name}` (or `orch gc`) ends its billing")
         # 3. a new instance (failing over between offers), or the stopped one started again
         attempts: list[provision.Attempt] = []
         try:
@@ -267,11 +270,17 @@ class Orchestrator:
             uptime = now - record.started_at if running and record.started_at else None
             tunnel = tunnels.tunnel_alive(record)  # a process lookup and a TCP connect: once per instance
             deadlines, armed = self._time_left(record) if running and with_deadlines else (None, None)
+            auto_shutdown = None if armed is None else ("armed" if armed else "NOT armed")
             if armed is False:
                 warnings.append(f"auto-shutdown NOT armed: nothing stops this instance by itself; `orch up {record.name}` arms it again")
+            capabilities = ctx.provider(record.provider).capabilities
+            if armed and not capabilities.self_stop:
+                auto_shutdown = "partial"
+                warnings.append(f"auto-shutdown is partial: {capabilities.why_not('self_stop')}; "
+                                f"if this laptop goes away, nothing stops it by itself")
             rows.append(StatusRow(record, record.url if tunnel else None, tunnel, uptime,
                                   format_duration(uptime) if uptime is not None else None, reconcile.cost(ctx, record, now),
-                                  deadlines, None if armed is None else ("armed" if armed else "NOT armed"), warnings))
+                                  deadlines, auto_shutdown, warnings))
         return rows
 
     def _time_left(self, record: InstanceRecord) -> tuple[dict[str, Any] | None, bool | None]:

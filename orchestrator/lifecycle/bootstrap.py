@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ..config import Deadlines
 from ..errors import LifecycleError
 from ..providers.base import Provider, RemoteRuntime
+from ..providers.capabilities import SelfStopCredentials
 from ..ssh import RemoteCommandFailed, sh_path
 from ..state import InstanceRecord
 from .context import Ctx
@@ -46,6 +47,7 @@ class FreshInstall:
         upload_code(ctx, remote)
         # 2. the agent, before anything slow (where the startup script armed it, this keeps its clocks)
         provider = ctx.provider(record.provider)
+        hand_over_stop_credentials(provider, remote, record.name)
         remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
         # 3. the server's packages
         missing = remote.check_deps()["missing"]
@@ -55,6 +57,16 @@ class FreshInstall:
         # 4. the server's token
         remote.put_bytes((record.token or "").encode(), f"{remote.runtime.home}/token")
         return remote.runtime
+
+
+def hand_over_stop_credentials(provider: Provider, remote: Remote, name: str) -> None:
+    """What the agent's stop command needs to stop the instance through the provider's API."""
+    if not isinstance(provider, SelfStopCredentials):
+        return
+    env = provider.self_stop_credentials(name)
+    if env:
+        lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+        remote.put_bytes(lines.encode(), f"{remote.runtime.home}/agent/stop.env", mode=0o600)
 
 
 def upload_code(ctx: Ctx, remote: Remote) -> None:

@@ -65,7 +65,7 @@ class StatusRow:
     cost: float
     # Time left before each deadline, as the agent on the instance counts it (None: not running or not reachable).
     deadlines: dict[str, Any] | None
-    auto_shutdown: str | None  # "armed" | "NOT armed" | "unknown" while running; None otherwise
+    auto_shutdown: str | None  # "armed" | "partial" (the provider needs the laptop to stop it) | "NOT armed"; None: not running or unreachable
     warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:

@@ -61,6 +61,9 @@ class Capabilities:
     prices_before_create: bool = True  # offers carry a price
     powers_off_host: bool = True  # stop ends the machine; False: only orch's processes end
     user_sets_price: bool = False  # the price is what the user says it costs (--price-per-hour)
+    # The agent on the instance can end its billing by itself (laptop gone). False: only the
+    # laptop can (orch up says so before creating, orch status shows the guarantee as partial).
+    self_stop: bool = True
     regions: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)  # capability name -> why not, in words
@@ -79,12 +82,13 @@ class Offer:
     gpu_count: int = 1
     offer_id: str = ""
     available: bool | None = True  # None: the provider does not say before create
+    interruptible: bool = False  # spot / interruptible capacity: cheaper, may be taken back
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {"provider": self.provider, "gpu": self.gpu, "gpu_count": self.gpu_count, "region": self.region,
                 "price_per_hour": self.price_per_hour, "currency": self.currency, "available": self.available,
-                "offer_id": self.offer_id}
+                "interruptible": self.interruptible, "offer_id": self.offer_id}
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ class NativeImages(Protocol):
 
 @runtime_checkable
 class SelfStopCredentials(Protocol):
-    """The agent stops the instance through the provider's API with a key scoped to it.
+    """The agent stops the instance through the provider's API with a key it is handed.
 
-    Returns the environment the agent's stop command needs; orch hands it to the instance
-    over SSH stdin (never a command line, a log or the state database).
+    Returns the environment the agent's stop command needs (empty: nothing to hand over).
+    orch writes it to HOME/agent/stop.env on the instance (mode 600) over SSH stdin, never a
+    command line, a log or the state database; the stop command sources that file.
     """
 
     def self_stop_credentials(self, name: str) -> dict[str, str]: ...
