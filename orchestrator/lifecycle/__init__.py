@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 from .. import inputs
 from ..config import Settings, orch_home
-from ..durations import format_duration
 from ..errors import ConfigError, LifecycleError, NotRunning, OrchError, StateError
 from ..providers.base import InstanceStatus, Offer, Provider
 from ..ssh import SshSession
 from ..state import InstanceRecord, State
-from . import bootstrap, model_sync, options, provision, reconcile, serve, teardown, tunnels
+from . import attach, bootstrap, model_sync, options, provision, reconcile, serve, status, teardown, tunnels
 from .context import Ctx, PhaseTimer, Progress, no_progress
 from .generate import generate, save_images
 from .options import UpOptions
@@ -158,36 +157,9 @@ class Orchestrator:
         return True
 
     def _attach(self, ctx: Ctx, record: InstanceRecord, opts: UpOptions, timer: PhaseTimer) -> UpResult:
-        """`orch up NAME` on a running NAME: check the agent and the server, apply new deadlines, open a tunnel."""
-        name = record.name
-        ctx.progress(f"{name} is already running; attaching")
-        refused = dict(opts.create_only)
-        if opts.models is not None and tuple(opts.models) != record.models:
-            refused["--model"] = opts.models
-        if opts.price_per_hour is not None and opts.price_per_hour != record.price_per_hour:
-            refused["--price-per-hour"] = opts.price_per_hour
-        if refused:
-            raise ConfigError(f"instance {name} is already running: {', '.join(refused)} apply when it starts; "
-                              f"`orch down {name}` then `orch up {name} {' '.join(refused)} ...`")
-        notes: list[str] = []
-        with timer.phase("check"), connect(ctx, record, timeout=60) as remote:
-            # 1. the billing guarantee first: a killed agent is armed again, with its clocks
-            if not remote.agent_status().get("armed"):
-                serve.ensure_agent(ctx, remote, record)
-                notes.append("the auto-shutdown agent was not running: armed again")
-            # 2. deadlines given on this command apply now, as `orch extend` would
-            if opts.deadline_changes:
-                remote.agent_set(opts.deadline_changes)
-                record = self.state.update(name, deadlines=replace(record.deadlines, **opts.deadline_changes))
-                notes.append("deadlines changed: " + ", ".join(f"{k} {_fmt_deadline(k, v)}" for k, v in opts.deadline_changes.items()))
-            # 3. the server, started again if it died
-            info = serve.ensure_server(ctx, remote, record, opts.server_timeout)
-        if info["port"] != record.server_port:
-            tunnels.kill_tunnel(record)
-            record = self.state.update(name, server_port=info["port"], tunnel_pid=None, local_port=None)
-            notes.append("the image server was not running: started again")
-        for note in notes:
-            ctx.progress(f"{name}: {note}")
+        """`orch up NAME` on a running NAME: repair what died, apply new deadlines, open a tunnel if none is open."""
+        with timer.phase("check"):
+            record, notes = attach.check_and_repair(ctx, record, opts)
         if tunnels.tunnel_alive(record):
             return UpResult(record, attached=True, phases=timer.seconds, notes=notes)
         with timer.phase("tunnel"):
@@ -258,41 +230,8 @@ class Orchestrator:
     def status(self, name: str | None = None, with_deadlines: bool = True, progress: Progress | None = None) -> list[StatusRow]:
         ctx = self._with(progress)
         records = [self.resolve(name, want_running=False)] if name else self.state.all()
-        rows = []
         now = time.time()
-        for record in records:
-            warnings: list[str] = []
-            try:
-                record = reconcile.reconcile(ctx, record)
-            except StateError as e:
-                warnings.append(f"the state database cannot be updated: {e}")
-            running = record.state == S.RUNNING
-            uptime = now - record.started_at if running and record.started_at else None
-            tunnel = tunnels.tunnel_alive(record)  # a process lookup and a TCP connect: once per instance
-            deadlines, armed = self._time_left(record) if running and with_deadlines else (None, None)
-            auto_shutdown = None if armed is None else ("armed" if armed else "NOT armed")
-            if armed is False:
-                warnings.append(f"auto-shutdown NOT armed: nothing stops this instance by itself; `orch up {record.name}` arms it again")
-            capabilities = ctx.provider(record.provider).capabilities
-            if armed and not capabilities.self_stop:
-                auto_shutdown = "partial"
-                warnings.append(f"auto-shutdown is partial: {capabilities.why_not('self_stop')}; "
-                                f"if this laptop goes away, nothing stops it by itself")
-            rows.append(StatusRow(record, record.url if tunnel else None, tunnel, uptime,
-                                  format_duration(uptime) if uptime is not None else None, reconcile.cost(ctx, record, now),
-                                  deadlines, auto_shutdown, warnings))
-        return rows
-
-    def _time_left(self, record: InstanceRecord) -> tuple[dict[str, Any] | None, bool | None]:
-        """(time left before each deadline, whether the agent is armed); (None, None) when unreachable."""
-        try:
-            with connect(self.ctx, record, timeout=10) as remote:
-                agent = remote.agent_status(timeout=10)
-        except OrchError:
-            return None, None
-        if not agent.get("armed"):
-            return None, False
-        return {k: _fmt_deadline(k, v, left=True) for k, v in agent.get("left", {}).items()}, True
+        return [status.row(ctx, record, now, with_deadlines) for record in records]
 
     def extend(self, name: str | None, changes: dict[str, float], progress: Progress | None = None) -> ExtendResult:
         """Change deadlines of a running instance (its agent picks them up within a tick)."""
@@ -379,14 +318,6 @@ class Orchestrator:
 
     def billing(self, record: InstanceRecord) -> bool:
         return record.state in BILLING_STATES
-
-
-def _fmt_deadline(key: str, value: float, left: bool = False) -> Any:
-    if key == "budget_usd":
-        return round(value, 4)
-    if key == "budget" and not left:
-        return f"${value:.2f}"
-    return format_duration(max(0.0, value)) if left else format_duration(value)
 
 
 def run_tunnel_daemon(orch: Orchestrator, name: str, preferred_port: int | None) -> None:
