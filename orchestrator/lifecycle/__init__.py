@@ -115,21 +115,20 @@ class Orchestrator:
             ctx.move(name, S.WAITING_SSH)
             ctx.progress(f"{name}: waiting for SSH")
             remote = connect(ctx, record)
-        with remote:
+        # Heartbeats from here on: the agent counts them from its arming (by the boot recipe or below).
+        with remote, remote.heartbeats(f"up-{os.getpid()}", heartbeat_interval(record)):
             # 5. bootstrap (the agent is armed first)
             with timer.phase("bootstrap"):
                 record = ctx.move(name, S.BOOTSTRAPPING)
                 bootstrap.choose(record).prepare(ctx, remote, record)
-            # From here the agent runs: tell it a laptop is attached while the slow part runs.
-            with remote.heartbeats(f"up-{os.getpid()}", heartbeat_interval(record)):
-                # 6. models, pulled by the instance itself
-                with timer.phase("sync"):
-                    model_sync.sync_models(ctx, remote, ctx.record(name))
-                # 7. the server, its model loaded
-                with timer.phase("server"):
-                    ctx.move(name, S.STARTING_SERVER)
-                    info = serve.start_server(ctx, remote, record, opts.server_timeout)
-                    remote.boot_done()
+            # 6. models, pulled by the instance itself
+            with timer.phase("sync"):
+                model_sync.sync_models(ctx, remote, ctx.record(name))
+            # 7. the server, its model loaded
+            with timer.phase("server"):
+                ctx.move(name, S.STARTING_SERVER)
+                info = serve.start_server(ctx, remote, record, opts.server_timeout)
+                remote.boot_done()
         return ctx.move(name, S.RUNNING, f"server on port {info['port']}", server_port=info["port"], started_at=time.time(),
                         stop_reason=None, owner=None)
 

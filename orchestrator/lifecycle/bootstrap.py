@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shlex
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +24,8 @@ from ..providers.capabilities import SelfStopCredentials
 from ..ssh import RemoteCommandFailed, sh_path
 from ..state import InstanceRecord
 from .context import Ctx
-from .remote import Remote, _b64json
+from . import boot_recipe
+from .remote import Remote
 
 
 class BootstrapStrategy(Protocol):
@@ -43,6 +46,8 @@ class FreshInstall:
     name = "fresh-install"
 
     def prepare(self, ctx: Ctx, remote: Remote, record: InstanceRecord) -> RemoteRuntime:
+        # 0. the boot recipe (images/bootstrap.sh) may still be installing: wait for it, use its interpreter
+        wait_for_boot_recipe(ctx, remote, record)
         # 1. orch's instance code, where the host lacks it
         upload_code(ctx, remote)
         # 2. the agent, before anything slow (where the startup script armed it, this keeps its clocks)
@@ -57,6 +62,35 @@ class FreshInstall:
         # 4. the server's token
         remote.put_bytes((record.token or "").encode(), f"{remote.runtime.home}/token")
         return remote.runtime
+
+
+def wait_for_boot_recipe(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
+    """Until the instance's boot recipe is done (a venv install can take minutes); a failed one is reported."""
+    status_file = f"{remote.runtime.home}/boot-recipe.json"
+    deadline = time.monotonic() + record.deadlines.boot_timeout
+    said = False
+    while True:
+        out = remote.run(f"cat {sh_path(status_file)} 2>/dev/null || true", timeout=30).stdout.strip()
+        try:
+            status = json.loads(out) if out else {}
+        except ValueError:
+            status = {}  # being written
+        state = status.get("status")
+        if state in (None, "done"):
+            python = status.get("python")
+            if python and python != remote.runtime.python and not remote.runtime.code_on_path:
+                remote.runtime = replace(remote.runtime, python=python)
+                ctx.state.update(record.name, remote_python=python)
+            return
+        if state == "failed":
+            tail = remote.run(f"tail -c 2000 {sh_path(remote.runtime.home)}/logs/boot-recipe.log 2>/dev/null || true").stdout
+            raise LifecycleError(f"{record.name}: the instance's boot recipe failed: {status.get('error')}\n{tail}")
+        if not said:
+            ctx.progress(f"{record.name}: the instance is still running its boot recipe (installing the server's packages)")
+            said = True
+        if time.monotonic() > deadline:
+            raise LifecycleError(f"{record.name}: the boot recipe did not finish within boot_timeout")
+        time.sleep(2)
 
 
 def hand_over_stop_credentials(provider: Provider, remote: Remote, name: str) -> None:
@@ -86,7 +120,7 @@ def upload_code(ctx: Ctx, remote: Remote) -> None:
 def install_server_env(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
     runtime = remote.runtime
     venv = f"{runtime.home}/venv"
-    reqs = " ".join(shlex.quote(r) for r in server_requirements())
+    reqs = " ".join(shlex.quote(r) for r in boot_recipe.lock_requirements() or server_requirements())
     script = (f"{shlex.quote(runtime.python)} -m venv --system-site-packages {sh_path(venv)} && "
               f"{sh_path(venv)}/bin/python -m pip install --quiet {reqs}")
     try:
@@ -104,22 +138,6 @@ def install_server_env(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None
 def agent_config(provider: Provider, name: str, price_per_hour: float, deadlines: Deadlines, created_at: float) -> dict[str, Any]:
     return {**deadlines.as_json(), "price_per_hour": price_per_hour, "created_at": created_at,
             "stop_command": provider.self_stop_command(name)}
-
-
-def startup_script(runtime: RemoteRuntime, config: dict[str, Any]) -> str:
-    """What the instance runs at boot, before anything slow: arm the agent."""
-    home = sh_path(runtime.home)
-    pythonpath = "" if runtime.code_on_path else f'export PYTHONPATH={home}/app"${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-    return (
-        "#!/bin/sh\n"
-        "# orch: arm the auto-shutdown agent first\n"
-        f"mkdir -p {home}\n"
-        f"{pythonpath}"
-        f'PY="${{ORCH_PYTHON:-{runtime.python}}}"\n'
-        f'if "$PY" -c "import remote.agent" 2>/dev/null; then\n'
-        f'  "$PY" -m remote.agent --home {home} arm --config-b64 {_b64json(config)} >> {home}/agent-arm.log 2>&1\n'
-        "fi\n"
-    )
 
 
 def server_requirements() -> list[str]:

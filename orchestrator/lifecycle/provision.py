@@ -26,7 +26,8 @@ from ..providers.base import (
 )
 from ..ssh import public_key_line
 from ..state import InstanceRecord
-from .bootstrap import agent_config, startup_script
+from . import boot_recipe
+from .bootstrap import agent_config
 from .context import Ctx, this_process
 from .options import UpOptions
 from .states import LifecycleState
@@ -69,7 +70,8 @@ def create(ctx: Ctx, provider: Provider, opts: UpOptions, offers: list[Offer]) -
         config = agent_config(provider, opts.name, offer.price_per_hour or 0.0, opts.deadlines, now)
         spec = InstanceSpec(name=opts.name, offer=offer, ssh_public_key=public_key_line(key),
                             tags={ORCH_TAG: "1", NAME_TAG: opts.name, RUN_TAG: run_id},
-                            startup_script=startup_script(provider.runtime(opts.name), config))
+                            startup_script=boot_recipe.script(provider, provider.runtime(opts.name), config,
+                                                              opts.deadlines.max_lifetime))
         try:
             instance = provider.create(spec)
         except InsufficientCapacity as e:

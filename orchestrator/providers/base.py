@@ -165,6 +165,10 @@ class RemoteRuntime:
     code_on_path: bool = False
     home: str = "~/.orch"
     env: dict[str, str] = field(default_factory=dict)
+    # For the boot recipe (images/bootstrap.sh), which may run as root before anyone logs in:
+    run_as: str = ""  # the user orch logs in as ("" = the user the boot script runs as)
+    rearm: str = ""  # how a dead agent is armed again: "systemd" (VMs), "cron" (containers), "" (leave the host alone)
+    models_dir: str = ""  # a data disk for models, kept across stops ("" = under home)
 
 
 @runtime_checkable

@@ -42,4 +42,15 @@ class SelfStopCredentials(Protocol):
     def self_stop_credentials(self, name: str) -> dict[str, str]: ...
 
 
-__all__ = ["NativeImages", "ReportsStopReason", "SelfStopCredentials"]
+@runtime_checkable
+class BootBackstop(Protocol):
+    """A deadline the provider itself enforces, set at boot before anything of orch runs.
+
+    Returns a shell line the boot recipe runs first (EC2: `shutdown -h +N`, which with
+    InstanceInitiatedShutdownBehavior stops the instance even if orch's agent never starts).
+    """
+
+    def backstop_command(self, max_lifetime_s: float) -> str: ...
+
+
+__all__ = ["BootBackstop", "NativeImages", "ReportsStopReason", "SelfStopCredentials"]
