@@ -213,9 +213,12 @@ def _optional_text(value: Any, what: str) -> str | None:
     return None if value is None else _text(str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value, what)
 
 
-def check_provider(name: str) -> str:
-    entry(name)
-    return name
+def check_provider(spec: str) -> str:
+    """A provider name, a comma list of names, or `auto` (every configured provider)."""
+    if spec.strip() != "auto":
+        for name in spec.split(","):
+            entry(name.strip())
+    return spec
 
 
 __all__ = ["Deadlines", "PROVIDERS", "Settings", "StorageSettings", "check_provider", "config_path", "load_settings",

@@ -114,10 +114,13 @@ def sshd(tmp_path):
 
 @pytest.fixture
 def fake_provider():
-    """An in-memory provider (tests/helpers/fake_provider.py)."""
+    """An in-memory provider (tests/helpers/fake_provider.py), known to the registry as `fake`."""
+    from orchestrator.providers import registry
     from tests.helpers.fake_provider import FakeProvider
 
-    return FakeProvider()
+    registry.REGISTRY["fake"] = registry.ProviderEntry("fake", "an in-memory test provider", None)
+    yield FakeProvider()
+    registry.REGISTRY.pop("fake", None)
 
 
 @pytest.fixture

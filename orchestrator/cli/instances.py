@@ -20,10 +20,13 @@ from .app import JsonFlag, NameArg, app, duration, emit, err, number, orchestrat
 @app.command()
 def up(
     name: str = typer.Argument("default", help="Instance name."),
-    provider: Optional[str] = typer.Option(None, "--provider", help="local, ssh, aws, runpod, vast, lambda, autodl"),
+    provider: Optional[str] = typer.Option(None, "--provider",
+                                           help="local, ssh, aws, runpod, vast, lambda, autodl; a comma list, or auto "
+                                                "(every configured cloud), walked cheapest offer first"),
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     region: Optional[str] = typer.Option(None, "--region"),
     max_price: Optional[str] = typer.Option(None, "--max-price", help="USD per hour."),
+    spot: bool = typer.Option(False, "--spot", help="Interruptible (spot) capacity only: cheaper, may be taken back."),
     model: list[str] = typer.Option([], "--model", help="Model to put on the instance (repeatable)."),
     from_image: Optional[str] = typer.Option(None, "--from-image"),
     idle: Optional[str] = typer.Option(None, "--idle", help="Stop after no request for this long (default 15m)."),
@@ -59,7 +62,7 @@ def up(
             max_price=number(max_price, "--max-price", inputs.max_price), models=tuple(model) if model else None,
             deadlines=replace(loaded.deadlines, **changes), deadline_changes=changes,
             price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour),
-            detach=detach, tunnel_port=number(port, "--port", inputs.port), from_image=from_image)
+            detach=detach, tunnel_port=number(port, "--port", inputs.port), from_image=from_image, spot=spot)
         orch = orchestrator(loaded)
         return orch, orch.up(opts)
 
@@ -189,13 +192,14 @@ def gen(
 
 @app.command()
 def offers(
-    provider: Optional[str] = typer.Option(None, "--provider"),
+    provider: Optional[str] = typer.Option(None, "--provider", help="One provider or a comma list (default: every configured one)."),
     gpu: Optional[str] = typer.Option(None, "--gpu"),
     region: Optional[str] = typer.Option(None, "--region"),
     max_price: Optional[str] = typer.Option(None, "--max-price", help="USD per hour."),
+    spot: bool = typer.Option(False, "--spot", help="Interruptible (spot) offers instead of on-demand."),
     as_json: JsonFlag = False,
 ) -> None:
-    """What a provider offers: GPU, region, price."""
+    """What the providers offer, cheapest first: GPU, region, price (in its currency), availability."""
 
     def go():
         if provider is not None:
@@ -203,7 +207,10 @@ def offers(
 
             check_provider(provider)
         cap = number(max_price, "--max-price", inputs.max_price)
-        return [o.as_json() for o in orchestrator().offers(provider, gpu=gpu, region=region, max_price=cap)]
+        found, failures = orchestrator().offers(provider, gpu=gpu, region=region, max_price=cap, spot=spot)
+        for name, error in failures.items():
+            err.print(f"[yellow]warning:[/yellow] {name}: {error}")
+        return [o.as_json() for o in found]
 
     rows = run(as_json, go)
     if as_json:
@@ -213,8 +220,9 @@ def offers(
     for col in ("provider", "gpu", "region", "price/h", "available"):
         table.add_column(col)
     for o in rows:
-        price = f"{o['price_per_hour']:.3f} {o['currency']}" if o["price_per_hour"] is not None else "known after create"
-        table.add_row(o["provider"], o["gpu"], o["region"], price, {True: "yes", False: "no", None: "?"}[o["available"]])
+        price = f"{o['price_per_hour']:.3f} {o['currency']}" if o["price_per_hour"] is not None else "price known after create"
+        gpu_name = f"{o['gpu_count']}x {o['gpu']}" if o["gpu_count"] > 1 else o["gpu"]
+        table.add_row(o["provider"], gpu_name, o["region"], price, {True: "yes", False: "no", None: "?"}[o["available"]])
     Console().print(table)
 
 

@@ -18,7 +18,9 @@ from typing import Any, Callable
 from .. import inputs
 from ..config import Settings, orch_home
 from ..errors import ConfigError, LifecycleError, NotRunning, OrchError, StateError
+from ..providers import registry
 from ..providers.base import InstanceStatus, Offer, Provider
+from ..providers.registry import AVAILABLE
 from ..ssh import SshSession
 from ..state import InstanceRecord, State
 from . import attach, bootstrap, model_sync, options, provision, reconcile, serve, status, teardown, tunnels
@@ -62,9 +64,10 @@ class Orchestrator:
         if record and opts.provider and opts.provider != record.provider:
             raise ConfigError(f"instance {opts.name} exists on provider {record.provider}; pick another name or "
                               f"`orch down {opts.name} --terminate` first")
-        provider = ctx.provider(record.provider if record else opts.provider or self.settings.provider)
+        names = [record.provider] if record else provision.provider_names(self.settings, opts.provider)
+        providers = [ctx.provider(n) for n in names]
         # 2. every input checked before anything is created
-        opts = options.check(opts, self.settings, provider)
+        opts = options.check(opts, self.settings, providers)
         found = reconcile.live(ctx, record) if record else None
         if record and found is None:
             ctx.progress(f"{opts.name}: the provider no longer has instance {record.instance_id}; creating a new one")
@@ -75,9 +78,10 @@ class Orchestrator:
         if record and opts.create_only:
             raise ConfigError(f"instance {opts.name} exists: {', '.join(opts.create_only)} apply only when an instance is "
                               f"created; `orch down {opts.name} --terminate` first, or pick another name")
-        if not provider.capabilities.self_stop:
-            ctx.progress(f"warning: {provider.capabilities.why_not('self_stop')}: if this laptop goes away, nothing "
-                         f"stops {opts.name} by itself; only `orch down {opts.name}` (or `orch gc`) ends its billing")
+        for provider in providers:
+            if not provider.capabilities.self_stop:
+                ctx.progress(f"warning: on {provider.name}, {provider.capabilities.why_not('self_stop')}: if this laptop goes "
+                             f"away, nothing stops {opts.name} by itself; only `orch down {opts.name}` (or `orch gc`) ends its billing")
         # 3. a new instance (failing over between offers), or the stopped one started again
         attempts: list[provision.Attempt] = []
         try:
@@ -86,7 +90,7 @@ class Orchestrator:
                     record = provision.restart(ctx, record, found, opts)
                 else:
                     opts = options.with_settings_defaults(opts, self.settings)
-                    record, attempts = provision.create(ctx, provider, opts, provision.choose_offers(ctx, provider, opts))
+                    record, attempts = provision.create(ctx, opts, provision.choose_offers(ctx, names, opts))
             # 4.-7. SSH, bootstrap, models, server
             record = self._bring_up(ctx, record, opts, timer)
         except BaseException as e:
@@ -279,10 +283,13 @@ class Orchestrator:
         return generate(ctx, record, payload, out_dir, timeout)
 
     def offers(self, provider: str | None, gpu: str | None = None, region: str | None = None,
-               max_price: float | None = None) -> list[Offer]:
+               max_price: float | None = None, spot: bool = False) -> tuple[list[Offer], dict[str, str]]:
+        """Offers of one provider, a comma list, or (None) every configured provider; cheapest first."""
         if max_price is not None:
             inputs.max_price(max_price)
-        return self.ctx.provider(provider or self.settings.provider).offers(gpu=gpu, region=region, max_price=max_price)
+        names = provision.provider_names(self.settings, provider) if provider else \
+            [n for n in AVAILABLE if registry.configured(n, self.settings)]
+        return provision.gather_offers(self.ctx, names, gpu, region, max_price, spot)
 
     # -- lookups -------------------------------------------------------------------------
 

@@ -26,16 +26,19 @@ class UpOptions:
     detach: bool = False
     tunnel_port: int | None = None
     from_image: str | None = None
+    spot: bool = False  # interruptible (spot) offers only; on-demand otherwise
     server_timeout: float = 900.0
+    # An attempt whose instance is not RUNNING in this long is terminated and the next offer tried.
+    provision_timeout: float = 600.0
 
     @property
     def create_only(self) -> dict[str, object]:
         """Options that choose a new instance's hardware: meaningless for one that exists."""
-        given = {"--gpu": self.gpu, "--region": self.region, "--max-price": self.max_price}
+        given = {"--gpu": self.gpu, "--region": self.region, "--max-price": self.max_price, "--spot": self.spot or None}
         return {flag: value for flag, value in given.items() if value is not None}
 
 
-def check(opts: UpOptions, settings: Settings, provider: Provider) -> UpOptions:
+def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpOptions:
     """Every input of `up`, before anything is created; a ConfigError names what to fix."""
     inputs.instance_name(opts.name)
     if opts.tunnel_port is not None:
@@ -44,9 +47,10 @@ def check(opts: UpOptions, settings: Settings, provider: Provider) -> UpOptions:
         inputs.max_price(opts.max_price, what="--max-price")
     if opts.price_per_hour is not None:
         inputs.price_per_hour(opts.price_per_hour, what="--price-per-hour")
-        if not provider.capabilities.user_sets_price:
-            raise ConfigError(f"--price-per-hour: provider {provider.name} prices its instances itself; "
-                              f"the flag is for local and ssh instances (what the machine costs you)")
+        for provider in providers:
+            if not provider.capabilities.user_sets_price:
+                raise ConfigError(f"--price-per-hour: provider {provider.name} prices its instances itself; "
+                                  f"the flag is for local and ssh instances (what the machine costs you)")
     if opts.from_image is not None:
         raise ConfigError("--from-image: images are not available in this version yet")
     if opts.deadlines.budget is not None:

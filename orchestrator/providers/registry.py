@@ -26,10 +26,11 @@ class ProviderEntry:
     summary: str
     module: str | None  # None: not available in this version of orch
     extra: str | None = None  # the pip extra that brings its SDK
+    rented: bool = True  # False: not a machine one rents (left out of `--provider auto`)
 
 
 ENTRIES = (
-    ProviderEntry("local", "instances on this machine (the embedded default)", "orchestrator.providers.local"),
+    ProviderEntry("local", "instances on this machine (the embedded default)", "orchestrator.providers.local", rented=False),
     ProviderEntry("ssh", "a host you can already ssh into", "orchestrator.providers.ssh"),
     ProviderEntry("aws", "AWS EC2", None, "aws"),
     ProviderEntry("runpod", "RunPod", None),
@@ -37,7 +38,7 @@ ENTRIES = (
     ProviderEntry("lambda", "Lambda Cloud", None),
     ProviderEntry("autodl", "AutoDL", None),
 )
-REGISTRY: dict[str, ProviderEntry] = {e.name: e for e in ENTRIES}
+REGISTRY: dict[str, ProviderEntry] = {e.name: e for e in ENTRIES}  # tests add their fakes here
 PROVIDER_NAMES: tuple[str, ...] = tuple(REGISTRY)
 AVAILABLE: tuple[str, ...] = tuple(e.name for e in ENTRIES if e.module)
 
@@ -71,10 +72,24 @@ def settings_class(name: str) -> type | None:
     return _import(e, "settings").Settings
 
 
+def configured(name: str, settings: Any) -> bool:
+    """Whether NAME can be used as configured now (its credentials or host are set). A package
+    says so with `configured(its settings) -> bool`; one without that function always can."""
+    e = entry(name)
+    if e.module is None:
+        return False
+    try:
+        module = _import(e)
+    except ConfigError:
+        return False
+    check = getattr(module, "configured", None)
+    return True if check is None else bool(check(settings.provider_settings(name)))
+
+
 def make_provider(name: str, settings: Any, home: Path) -> "Provider":
     """Provider NAME, configured from its validated section of `settings` (config.Settings)."""
     module = _import(entry(name))
     return module.make(settings.provider_settings(name), home)
 
 
-__all__ = ["AVAILABLE", "PROVIDER_NAMES", "REGISTRY", "ProviderEntry", "entry", "make_provider", "settings_class"]
+__all__ = ["AVAILABLE", "PROVIDER_NAMES", "REGISTRY", "ProviderEntry", "configured", "entry", "make_provider", "settings_class"]

@@ -20,6 +20,7 @@ from orchestrator.providers.base import (
     NotFound,
     Offer,
     ProviderError,
+    QuotaExceeded,
     RemoteRuntime,
     UnsupportedOperation,
 )
@@ -31,21 +32,28 @@ class FakeProvider:
     capabilities: Capabilities = field(default_factory=Capabilities)
     gpus: tuple[str, ...] = ("A100", "H100")
     price: float = 2.0
+    currency: str = "USD"
+    region: str = "fake-1"
     no_capacity: set[str] = field(default_factory=set)  # GPUs whose create raises InsufficientCapacity
+    over_quota: set[str] = field(default_factory=set)  # GPUs whose create raises QuotaExceeded
     lose_answer: set[str] = field(default_factory=set)  # GPUs whose create happens but raises (a lost answer)
+    stuck: set[str] = field(default_factory=set)  # GPUs whose instances stay PENDING
     instances: dict[str, Instance] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def offers(self, gpu=None, region=None, max_price=None) -> list[Offer]:
-        return [Offer(self.name, g, "fake-1", self.price, offer_id=g) for g in self.gpus
-                if (not gpu or gpu == g) and (max_price is None or self.price <= max_price) and region in (None, "fake-1")]
+        return [Offer(self.name, g, self.region, self.price, currency=self.currency, offer_id=g) for g in self.gpus
+                if (not gpu or gpu == g) and (max_price is None or self.price <= max_price) and region in (None, self.region)]
 
     def create(self, spec: InstanceSpec) -> Instance:
         self.calls.append(("create", spec.offer.gpu))
         if spec.offer.gpu in self.no_capacity:
             raise InsufficientCapacity(f"no {spec.offer.gpu} left")
-        inst = Instance(self.name, f"fake-{next(self._ids)}", spec.name, InstanceStatus.RUNNING, "running",
+        if spec.offer.gpu in self.over_quota:
+            raise QuotaExceeded(f"quota for {spec.offer.gpu} used up")
+        status = InstanceStatus.PENDING if spec.offer.gpu in self.stuck else InstanceStatus.RUNNING
+        inst = Instance(self.name, f"{self.name}-{next(self._ids)}", spec.name, status, status.value.lower(),
                         price_per_hour=self.price, gpu=spec.offer.gpu, region=spec.offer.region, created_at=time.time(),
                         tags=dict(spec.tags))
         self.instances[inst.instance_id] = inst

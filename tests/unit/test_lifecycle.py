@@ -24,7 +24,7 @@ def test_failover_moves_on_after_a_capacity_error_and_tags_the_create(orch, fake
     fake_provider.no_capacity = {"A100"}
     ctx: Ctx = orch.ctx
     opts = UpOptions(name="box")
-    record, attempts = provision.create(ctx, fake_provider, opts, fake_provider.offers())
+    record, attempts = provision.create(ctx, opts, fake_provider.offers())
     assert [c for c in fake_provider.calls if c[0] == "create"] == [("create", "A100"), ("create", "H100")]
     assert [(a.gpu, a.error) for a in attempts] == [("A100", "no A100 left")]
     assert record.gpu == "H100" and record.instance_id == "fake-1"
@@ -35,8 +35,8 @@ def test_failover_moves_on_after_a_capacity_error_and_tags_the_create(orch, fake
 def test_no_capacity_anywhere_fails_with_every_reason_and_creates_nothing(orch, fake_provider):
     fake_provider.no_capacity = {"A100", "H100"}
     with pytest.raises(provision.NoCapacity) as e:
-        provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
-    assert "A100 in fake-1: no A100 left" in str(e.value) and "H100 in fake-1: no H100 left" in str(e.value)
+        provision.create(orch.ctx, UpOptions(name="box"), fake_provider.offers())
+    assert "fake A100 in fake-1: no A100 left" in str(e.value) and "fake H100 in fake-1: no H100 left" in str(e.value)
     assert [a.gpu for a in e.value.attempts] == ["A100", "H100"]
     assert fake_provider.instances == {} and orch.state.get("box").state == "FAILED"
 
@@ -76,7 +76,7 @@ def test_an_interrupted_up_that_created_nothing_is_marked_failed(orch, fake_prov
 
 
 def test_down_stops_first_and_reports_a_state_it_could_not_write(orch, fake_provider, monkeypatch):
-    record, _ = provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
+    record, _ = provision.create(orch.ctx, UpOptions(name="box"), fake_provider.offers())
     orch.state.transition("box", "RUNNING", "test", owner=None)
 
     def refuse(*a, **k):
@@ -91,7 +91,7 @@ def test_down_stops_first_and_reports_a_state_it_could_not_write(orch, fake_prov
 def test_a_provider_that_cannot_stop_is_terminated_and_says_why(orch, fake_provider):
     fake_provider.capabilities = Capabilities(can_stop=False, can_start=False,
                                               reasons={"can_stop": "Lambda instances cannot be stopped, only terminated"})
-    provision.create(orch.ctx, fake_provider, UpOptions(name="box"), fake_provider.offers())
+    provision.create(orch.ctx, UpOptions(name="box"), fake_provider.offers())
     orch.state.transition("box", "RUNNING", "test", owner=None)
     messages = []
     result = orch.down("box", progress=messages.append)
@@ -114,3 +114,59 @@ def test_cost_counts_only_billing_time_of_this_instance(orch, fake_provider):
                             price_per_hour=3600.0)
     orch.state.insert(record)
     assert orch.cost(orch.state.get("old")) < 5, "the earlier instance's 100 s are not charged again"
+
+
+@pytest.fixture
+def two_clouds(tmp_path, fake_provider):
+    """`fake` (cheaper) and `fake2`, both in the registry, behind one orchestrator."""
+    from orchestrator.providers import registry
+    from tests.helpers.fake_provider import FakeProvider
+
+    other = FakeProvider(name="fake2", price=3.0, region="fake2-1")
+    registry.REGISTRY["fake2"] = registry.ProviderEntry("fake2", "another in-memory provider", None)
+    providers = {"fake": fake_provider, "fake2": other}
+    orch = Orchestrator(Settings(provider="fake,fake2"), state=State(tmp_path / "state.db"), home=tmp_path,
+                        provider_factory=providers.__getitem__)
+    yield orch, fake_provider, other
+    registry.REGISTRY.pop("fake2", None)
+
+
+def test_failover_crosses_providers_cheapest_first(two_clouds):
+    orch, cheap, dear = two_clouds
+    cheap.no_capacity = {"A100", "H100"}
+    offers = provision.choose_offers(orch.ctx, ["fake", "fake2"], UpOptions(name="box"))
+    assert [(o.provider, o.gpu) for o in offers] == [("fake", "A100"), ("fake", "H100"), ("fake2", "A100"), ("fake2", "H100")]
+    record, attempts = provision.create(orch.ctx, UpOptions(name="box"), offers)
+    assert record.provider == "fake2" and record.gpu == "A100" and record.price_per_hour == 3.0
+    assert [(a.provider, a.gpu) for a in attempts] == [("fake", "A100"), ("fake", "H100")]
+
+
+def test_a_quota_error_is_not_retried_in_that_region(two_clouds):
+    orch, cheap, dear = two_clouds
+    cheap.over_quota = {"A100"}
+    record, attempts = provision.create(orch.ctx, UpOptions(name="box"), provision.choose_offers(orch.ctx, ["fake", "fake2"], UpOptions(name="box")))
+    assert [c for c in cheap.calls if c[0] == "create"] == [("create", "A100")], "H100 in the same region is not tried"
+    assert record.provider == "fake2" and [a.error for a in attempts] == ["quota for A100 used up"]
+
+
+def test_an_instance_that_never_runs_is_terminated_before_the_next_offer(two_clouds, monkeypatch):
+    from orchestrator.lifecycle import teardown
+
+    orch, cheap, dear = two_clouds
+    cheap.gpus = ("A100",)
+    cheap.stuck = {"A100"}
+    monkeypatch.setattr(teardown, "POLL_S", 0.01)
+    monkeypatch.setattr(provision, "POLL_S", 0.01)
+    opts = UpOptions(name="box", provision_timeout=0.2)
+    record, attempts = provision.create(orch.ctx, opts, provision.choose_offers(orch.ctx, ["fake", "fake2"], opts))
+    assert cheap.get("fake-1").status == InstanceStatus.TERMINATED, "the stuck one was terminated, not left billing"
+    assert record.provider == "fake2" and "not running after" in attempts[0].error
+
+
+def test_offers_are_cheapest_first_with_currencies_kept_apart(two_clouds):
+    orch, cheap, dear = two_clouds
+    dear.currency, dear.price = "CNY", 1.0
+    offers, failures = orch.offers("fake,fake2")
+    assert [(o.provider, o.currency) for o in offers][:2] == [("fake", "USD"), ("fake", "USD")]
+    assert {o.currency for o in offers[2:]} == {"CNY"}, "CNY offers come after, not converted"
+    assert failures == {}
