@@ -40,6 +40,8 @@ from urllib.parse import unquote, urlsplit
 from .openapi_check import OpenApiCheck, SpecMismatch, spec_file
 
 API = "/api/v1"
+LAPTOP_KEY = "sim-laptop-key"
+TERMINATE_KEY = "sim-terminate-key"
 CONTROL = "/_sim"
 
 # Lambda's catalog, abridged: name -> (price in cents/h, GPU description, GPUs, vCPUs, RAM GiB, disk GiB).
@@ -132,6 +134,7 @@ class SimInstance:
     status: str = "booting"
     ip: str | None = None
     terminate_requested_at: float | None = None
+    terminated_by: str | None = None  # who held the key that terminated it
     terminated_at: float | None = None
     powered_off_at: float | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
@@ -153,11 +156,12 @@ class Fault:
 
 
 class LambdaSimulator:
-    def __init__(self, root: Path | None = None, *, api_keys: tuple[str, ...] = ("sim-laptop-key", "sim-terminate-key"),
+    def __init__(self, root: Path | None = None, *, api_keys: dict[str, str] | None = None,
                  request_interval: float = 0.0, launch_interval: float = 0.0, hosts: bool = True,
                  boot_delay: float = 0.0, terminated_visible_s: float = 0.0, quota: int = 20):
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="lambda-sim-"))
-        self.api_keys = set(api_keys)
+        # key -> who holds it (recorded on what it terminates; the key itself is never logged)
+        self.api_keys = dict(api_keys or {LAPTOP_KEY: "laptop", TERMINATE_KEY: "self-terminate"})
         self.request_interval = request_interval
         self.launch_interval = launch_interval
         self.hosts = hosts
@@ -300,9 +304,9 @@ class LambdaSimulator:
         else:
             off_spec = False
             try:
-                self._authenticate(headers)
+                holder = self._authenticate(headers)
                 self._rate_limit(method, sub)
-                status, data = self._route(method, sub, json.loads(body) if body else None)
+                status, data = self._route(method, sub, json.loads(body) if body else None, holder)
             except Answer as a:
                 status, data, extra = a.status, a.body(), a.headers
             answer = b"" if data is None else json.dumps(data).encode()
@@ -331,7 +335,7 @@ class LambdaSimulator:
                     return f
         return None
 
-    def _authenticate(self, headers: dict[str, str]) -> None:
+    def _authenticate(self, headers: dict[str, str]) -> str:
         auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
         scheme, _, value = auth.partition(" ")
         key = value.strip()
@@ -343,6 +347,7 @@ class LambdaSimulator:
         if scheme.lower() not in ("bearer", "basic") or key not in self.api_keys:
             raise Answer(401, "global/invalid-api-key", "API key was invalid, expired, or deleted.",
                          "Check your API key or create a new one, then try again.")
+        return self.api_keys[key]
 
     def _rate_limit(self, method: str, sub: str) -> None:
         now = time.monotonic()
@@ -363,7 +368,7 @@ class LambdaSimulator:
             if launching:
                 self._last_launch = now
 
-    def _route(self, method: str, sub: str, body: Any) -> tuple[int, Any]:
+    def _route(self, method: str, sub: str, body: Any, holder: str) -> tuple[int, Any]:
         parts = [p for p in sub.split("/") if p]
         if method == "GET" and parts == ["instance-types"]:
             return 200, self._instance_types()
@@ -375,7 +380,7 @@ class LambdaSimulator:
         if method == "POST" and parts == ["instance-operations", "launch"]:
             return 200, {"data": {"instance_ids": [self._launch(body)]}}
         if method == "POST" and parts == ["instance-operations", "terminate"]:
-            return 200, {"data": {"terminated_instances": self._terminate(body["instance_ids"])}}
+            return 200, {"data": {"terminated_instances": self._terminate(body["instance_ids"], holder)}}
         if method == "POST" and parts == ["instance-operations", "restart"]:
             return 200, {"data": {"restarted_instances": self._restart(body["instance_ids"])}}
         if method == "GET" and parts == ["ssh-keys"]:
@@ -477,7 +482,7 @@ class LambdaSimulator:
             if inst.status == "booting":
                 self._set(inst, "active", ip=self.pool.address(inst.id)[0])
 
-    def _terminate(self, ids: list[str]) -> list[dict]:
+    def _terminate(self, ids: list[str], holder: str) -> list[dict]:
         with self._lock:
             missing = [i for i in ids if i not in self.instances]
             if missing:
@@ -487,7 +492,7 @@ class LambdaSimulator:
                 inst = self.instances[instance_id]
                 if inst.status in ("terminating", "terminated"):
                     continue
-                inst.terminate_requested_at = time.time()
+                inst.terminate_requested_at, inst.terminated_by = time.time(), holder
                 self._set(inst, "terminating")
                 self.capacity[(inst.type_name, inst.region)] = self.capacity.get((inst.type_name, inst.region), 0) + 1
                 self._background(self._destroy, inst)
@@ -583,5 +588,5 @@ def shared_simulator() -> LambdaSimulator:
     return _shared
 
 
-__all__ = ["API", "CATALOG", "DEFAULT_CAPACITY", "REGIONS", "Answer", "LambdaSimulator", "SimInstance", "allow_newer_fields",
+__all__ = ["API", "LAPTOP_KEY", "TERMINATE_KEY", "CATALOG", "DEFAULT_CAPACITY", "REGIONS", "Answer", "LambdaSimulator", "SimInstance", "allow_newer_fields",
            "lambda_spec", "shared_simulator"]

@@ -118,8 +118,11 @@ class LambdaApi:
             wait = self._last_launch + self._launch_interval - time.monotonic()
             if wait > 0:
                 self._sleep(wait)
-        self._last_launch = time.monotonic()
-        data = self._data("POST", "/instance-operations/launch", dict, json=body)
+        try:
+            data = self._data("POST", "/instance-operations/launch", dict, json=body)
+        finally:
+            # Counted from the answer (the request may have waited for the general spacing first).
+            self._last_launch = time.monotonic()
         ids = data.get("instance_ids")
         if not isinstance(ids, list):
             raise BadResponse(f"{PROVIDER}: launch answered without instance_ids: {str(data)[:200]}")
