@@ -28,6 +28,7 @@ import base64
 import json
 import math
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -159,6 +160,7 @@ class LambdaSimulator:
     def __init__(self, root: Path | None = None, *, api_keys: dict[str, str] | None = None,
                  request_interval: float = 0.0, launch_interval: float = 0.0, hosts: bool = True,
                  boot_delay: float = 0.0, terminated_visible_s: float = 0.0, quota: int = 20):
+        self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="lambda-sim-"))
         # key -> who holds it (recorded on what it terminates; the key itself is never logged)
         self.api_keys = dict(api_keys or {LAPTOP_KEY: "laptop", TERMINATE_KEY: "self-terminate"})
@@ -169,6 +171,7 @@ class LambdaSimulator:
         self.terminated_visible_s = terminated_visible_s
         self.quota = quota
         self.accepts_user_data = True
+        self.keep_terminated_disks = False  # a terminated host's directory is kept (moved aside) for a test to inspect
         self.catalog = dict(CATALOG)
         self.regions = dict(REGIONS)
         self.capacity: dict[tuple[str, str], int] = dict(DEFAULT_CAPACITY)
@@ -236,6 +239,8 @@ class LambdaSimulator:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def transport(self):
         """An httpx transport into this simulator without a socket (unit tests)."""
@@ -266,6 +271,11 @@ class LambdaSimulator:
             body = json.dumps(Answer(status, "global/unknown", "Something unexpected occurred.").body()).encode()
         with self._lock:
             self.faults.append(Fault(method.upper(), path, status, body, times, off_spec))
+
+    def host_dir(self, instance_id: str) -> Path:
+        """The instance's host directory (its disk is `disk/`), or where it was kept after terminate."""
+        kept = self.root / "terminated" / instance_id
+        return kept if kept.exists() else self.pool.dir(instance_id)
 
     def live(self) -> list[SimInstance]:
         with self._lock:
@@ -500,7 +510,11 @@ class LambdaSimulator:
             return done
 
     def _destroy(self, inst: SimInstance) -> None:
-        if self.pool is not None:
+        if self.pool is not None and self.keep_terminated_disks:
+            self.pool.stop(inst.id)
+            (self.root / "terminated").mkdir(exist_ok=True)
+            shutil.move(str(self.pool.dir(inst.id)), str(self.root / "terminated" / inst.id))
+        elif self.pool is not None:
             self.pool.destroy(inst.id)
         self._set(inst, "terminated", ip=None)
 
