@@ -102,7 +102,7 @@ def _wait(predicate, timeout: float, what: str):
 
 def test_up_gen_then_the_agent_terminates_it_through_the_api(orch, orch_home, lam, sim, tmp_path, capsys):
     lam(self_terminate_key=TERMINATE_KEY)
-    idle = 12.0
+    idle = 20.0  # room for `up` to return and `gen` to start on a loaded CI machine before it fires
     with ArgvWatch((LAPTOP_KEY, TERMINATE_KEY)) as argv:
         t0 = time.monotonic()
         up = orch("up", "lam", "--provider", "lambda", "--gpu", "A10", "--detach", "--port", str(free_port()),
