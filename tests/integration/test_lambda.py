@@ -158,8 +158,9 @@ def test_up_gen_then_the_agent_terminates_it_through_the_api(orch, orch_home, la
     assert leak["deadline_to_terminate_request_s"] < 10
 
 
-def test_without_a_key_up_warns_first_fails_over_and_down_terminates_in_words(orch, orch_home, lam, sim):
+def test_without_a_key_up_warns_first_fails_over_and_down_terminates_in_words(orch, orch_home, lam, sim, monkeypatch):
     sim.capacity_race("gpu_1x_a10", "us-east-1")  # the cheapest A10 offer: listed with capacity, gone at launch
+    monkeypatch.setattr(sim, "accepts_user_data", False)  # an API that refuses user_data: the bootstrap over SSH arms the agent
     up = orch("up", "nokey", "--provider", "lambda", "--gpu", "A10", "--detach", "--port", str(free_port()), "--json")
     result = up.json
     warning = up.stderr.find("warning: Lambda Cloud bills an instance until it is terminated")
@@ -169,7 +170,7 @@ def test_without_a_key_up_warns_first_fails_over_and_down_terminates_in_words(or
     assert [(a["provider"], a["gpu"], a["region"]) for a in result["attempts"]] == [("lambda", "A10", "us-east-1")]
     assert "capacity" in result["attempts"][0]["error"]
     inst = sim.instances[result["instance_id"]]
-    assert inst.region == "us-west-1" and result["status"] == "RUNNING"
+    assert inst.region == "us-west-1" and result["status"] == "RUNNING" and inst.user_data == ""
     assert not (sim.host_dir(inst.id) / "disk" / ".orch" / "agent" / "stop.env").exists(), "no key: nothing handed over"
 
     status = orch("status", "nokey", "--json")
@@ -208,3 +209,41 @@ def test_live_smoke_read_only(tmp_path):
     offers = provider.offers()
     assert all(o.provider == "lambda" and o.price_per_hour and o.offer_id for o in offers)
     provider.list()
+
+
+def test_a_power_off_from_inside_does_not_end_the_bill(sim, tmp_path):
+    """As on Lambda: the machine stops, the instance stays (unhealthy) and billed; only the API ends it."""
+    from orchestrator.providers.base import NAME_TAG, ORCH_TAG, RUN_TAG, InstanceSpec, InstanceStatus
+    from orchestrator.providers.lambda_cloud import LambdaProvider, Settings
+    from orchestrator.ssh import SshSession, ensure_user_key, public_key_line
+
+    provider = LambdaProvider(Settings(api_url=sim.url, request_interval=INTERVAL, launch_interval=LAUNCH_INTERVAL),
+                              tmp_path, api_key=LAPTOP_KEY, environ={})
+    key = ensure_user_key(tmp_path)
+    offer = provider.offers(gpu="A100")[0]
+    created = provider.create(InstanceSpec(name="off", offer=offer, ssh_public_key=public_key_line(key),
+                                           tags={ORCH_TAG: "1", NAME_TAG: "off", RUN_TAG: "r-off"}))
+    inst = sim.instances[created.instance_id]
+    running = _wait(lambda: (i := provider.get(created.instance_id)).status == InstanceStatus.RUNNING and i, 60, "active")
+    with SshSession.connect(running.ssh, key, None) as session:
+        session.run("nohup poweroff > /dev/null 2>&1 &", timeout=30)
+    _wait(lambda: inst.status == "unhealthy", 30, "the host powered off")
+    assert not sim.pool.running(inst.id)
+    got = provider.get(created.instance_id)
+    assert got.status == InstanceStatus.UNKNOWN and got.status.is_billing_compute and got.raw_status == "unhealthy"
+    billed = inst.billed_seconds()
+    time.sleep(0.5)
+    assert inst.terminate_requested_at is None and inst.billed_seconds() > billed, "still billed"
+    provider.terminate(created.instance_id)
+    _wait(lambda: inst.status == "terminated", 30, "terminated through the API")
+
+
+def test_the_stop_command_without_a_key_says_only_orch_down_can_end_the_bill(tmp_path):
+    import subprocess
+
+    from orchestrator.providers.lambda_cloud import LambdaProvider, Settings
+
+    command = LambdaProvider(Settings(), tmp_path, api_key="", environ={}).self_stop_command("x")
+    proc = subprocess.run(["/bin/sh", "-c", command], env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "only `orch down`" in proc.stderr

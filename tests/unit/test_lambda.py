@@ -130,6 +130,16 @@ def test_create_get_list_terminate_and_no_stop(sim):
     assert inst.billed_seconds() == pytest.approx(inst.terminate_requested_at - inst.launched_at)
 
 
+def test_an_instance_lambda_still_shows_as_terminated_reads_terminated(sim):
+    sim.terminated_visible_s = 60
+    provider = make(sim)
+    created = provider.create(spec(provider))
+    provider.terminate(created.instance_id)
+    sim.wait_all_terminated(5)
+    gone = provider.get(created.instance_id)
+    assert gone.status == InstanceStatus.TERMINATED and gone.ssh is None and not gone.status.is_billing_compute
+
+
 @pytest.mark.parametrize("operation", ["get", "stop", "start", "terminate"])
 def test_an_unknown_id_is_not_found(sim, operation):
     with pytest.raises(NotFound):
