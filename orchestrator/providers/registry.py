@@ -35,7 +35,7 @@ ENTRIES = (
     ProviderEntry("aws", "AWS EC2", None, "aws"),
     ProviderEntry("runpod", "RunPod", None),
     ProviderEntry("vast", "Vast.ai", None),
-    ProviderEntry("lambda", "Lambda Cloud", None),
+    ProviderEntry("lambda", "Lambda Cloud", "orchestrator.providers.lambda_cloud"),
     ProviderEntry("autodl", "AutoDL", None),
 )
 REGISTRY: dict[str, ProviderEntry] = {e.name: e for e in ENTRIES}  # tests add their fakes here

@@ -49,7 +49,27 @@ def _ssh(tmp_path: Path, request) -> Case:
     return Case(provider, offer, replace(offer, offer_id="nobody@elsewhere:22"), key, public_key_line(key))
 
 
-PROVIDERS = {"local": _local, "ssh": _ssh}
+def _lambda(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.lambda_cloud import LambdaProvider, Settings
+    from tests.simulators.lambda_api import shared_simulator
+
+    sim = shared_simulator()  # one per test process, its instances real local hosts; every request checked against the spec
+
+    def clean() -> None:  # after the case's own teardown has terminated what the test left
+        sim.wait_all_terminated()
+        sim.assert_clean()
+
+    request.addfinalizer(clean)
+    settings = Settings(api_url=sim.url, self_terminate_key="sim-terminate-key", request_interval=sim.request_interval,
+                        launch_interval=sim.launch_interval)
+    provider = LambdaProvider(settings, tmp_path / "home", api_key="sim-laptop-key", environ={})
+    key = ensure_user_key(tmp_path / "home")
+    offer = provider.offers(gpu="A10")[0]
+    sim.set_capacity(offer.offer_id, "europe-central-1", 0)
+    return Case(provider, offer, replace(offer, region="europe-central-1"), key, public_key_line(key))
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))

@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 
+from orchestrator.lifecycle.bootstrap import hand_over_stop_credentials
+from orchestrator.lifecycle.remote import Remote
 from orchestrator.providers.base import (
     NAME_TAG,
     ORCH_TAG,
@@ -110,6 +112,8 @@ def test_the_agents_self_stop_command_stops_the_instance(case):
     command = provider.self_stop_command("contract-self")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in provider.runtime("contract-self").env.items())
     with _ssh(case, running) as session:
+        # What the bootstrap hands a provider's stop command first (its key, where it has one).
+        hand_over_stop_credentials(provider, Remote(session, provider.runtime("contract-self"), "contract-self"), "contract-self")
         # Detached, as the agent is: the stop may end the very session that started it.
         session.run(f"{env} nohup setsid sh -c {shlex.quote(command)} > /dev/null 2>&1 < /dev/null &", timeout=30)
     wanted = {InstanceStatus.STOPPED} if provider.capabilities.can_stop else {InstanceStatus.TERMINATED}
