@@ -24,7 +24,7 @@ set -u
 
 [ -n "${ORCH_BACKSTOP:-}" ] && sh -c "$ORCH_BACKSTOP" || true
 
-if [ -n "${ORCH_RUN_AS:-}" ] && [ "$(id -u)" = 0 ] && [ "$(id -un)" != "$ORCH_RUN_AS" ]; then
+if [ -n "${ORCH_RUN_AS:-}" ] && [ "$(id -u)" = 0 ] && [ "$(id -un)" != "$ORCH_RUN_AS" ] && id "$ORCH_RUN_AS" >/dev/null 2>&1; then
     OWNER_HOME=$(getent passwd "$ORCH_RUN_AS" | cut -d: -f6)
     AS_OWNER="runuser -u $ORCH_RUN_AS --"
     command -v runuser >/dev/null 2>&1 || AS_OWNER="su -s /bin/sh $ORCH_RUN_AS -c"

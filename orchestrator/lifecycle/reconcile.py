@@ -50,7 +50,11 @@ def reconcile(ctx: Ctx, record: InstanceRecord) -> InstanceRecord:
     if not record.instance_id:
         return record
     found = live(ctx, record)
-    if found is None:
+    if found is None or found.status.is_gone:
+        if record.state in BILLING_STATES - {LifecycleState.STOPPING}:
+            # Not orch's doing: its agent (providers that cannot stop terminate), a spot reclaim, the console.
+            why = f"terminated outside orch ({found.raw_status if found else 'gone'}): by its agent, the provider or its console"
+            return force(ctx, record, LifecycleState.TERMINATED, why, stop_reason=record.stop_reason or why)
         return force(ctx, record, LifecycleState.TERMINATED, "the provider no longer has it")
     if found.status == InstanceStatus.STOPPED and record.state in BILLING_STATES - {LifecycleState.STOPPING}:
         provider = ctx.provider(record.provider)

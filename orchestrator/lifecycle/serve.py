@@ -5,7 +5,7 @@ from __future__ import annotations
 from remote import protocol
 
 from ..state import InstanceRecord
-from .bootstrap import agent_config
+from .bootstrap import agent_config, hand_over_stop_credentials
 from .context import Ctx
 from .remote import Remote
 
@@ -38,6 +38,7 @@ def ensure_agent(ctx: Ctx, remote: Remote, record: InstanceRecord) -> protocol.A
         return status
     ctx.progress(f"{record.name}: the auto-shutdown agent was not running; arming it again")
     provider = ctx.provider(record.provider)
+    hand_over_stop_credentials(provider, remote, record.name)
     remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
     # Arming starts a boot; this one is long done (the caller makes sure the server runs).
     remote.boot_done()

@@ -72,7 +72,8 @@ class HostPool:
                 "python": self.python, "tags": {}, "listen": {"host": next_loopback_address(), "port": self.ssh_port},
                 "password": password, "clean_pythonpath": True, "path_prefix": str(d / "image-bin"),
                 "env": {"ORCH_SIM_CONTROL": self.control_url, "ORCH_SIM_HOST": host_id,
-                        "ORCH_SIM_MINUTE": str(self.minute_seconds), **(env or {})}}
+                        "ORCH_SIM_MINUTE": str(self.minute_seconds), "ORCH_SYSTEMD_UNITS": str(d / "etc-systemd"),
+                        "ORCH_SYSTEMD_RUNNING": str(d / "run-systemd"), **(env or {})}}
         (d / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def _write_shims(self, d: Path) -> None:
@@ -84,6 +85,14 @@ class HostPool:
             (bin_dir / name).chmod(0o755)
         (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {self.python} "$@"\n')
         (bin_dir / "python3").chmod(0o755)
+        # The machine's own systemd and cron, kept on its disk: a simulated VM must never touch this host's.
+        (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {d}/disk/.systemctl-calls\n')
+        (bin_dir / "crontab").write_text(f'#!/bin/sh\nif [ "$1" = -l ]; then cat {d}/disk/.crontab 2>/dev/null; exit 0; fi\n'
+                                         f'cat > {d}/disk/.crontab\n')
+        for name in ("systemctl", "crontab"):
+            (bin_dir / name).chmod(0o755)
+        (d / "etc-systemd").mkdir()
+        (d / "run-systemd").mkdir()
 
     def meta(self, host_id: str) -> dict:
         return json.loads((self.dir(host_id) / "meta.json").read_text())

@@ -29,7 +29,7 @@ from orchestrator.providers.base import (
 )
 from orchestrator.providers.capabilities import SelfStopCredentials
 from orchestrator.providers.lambda_cloud import LambdaProvider, Settings
-from orchestrator.providers.lambda_cloud.provider import gpu_of, user_data
+from orchestrator.providers.lambda_cloud.provider import gpu_of
 from tests.simulators.lambda_api import LAPTOP_KEY, TERMINATE_KEY, LambdaSimulator
 
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHXjb3JjaC11bml0LXRlc3Qta2V5LWJ5dGVzLTEyMzQ orch"
@@ -181,12 +181,10 @@ def test_an_api_without_user_data_gets_the_launch_again_without_it(sim):
     assert sim.instances[created.instance_id].user_data == "", "the bootstrap over SSH arms the agent instead"
 
 
-def test_the_startup_script_runs_as_the_ssh_user_from_cloud_init():
-    data = user_data("#!/bin/sh\necho armed\n", "ubuntu")
-    assert data.startswith("#!/bin/sh\n") and "echo armed\nORCH_STARTUP_EOF\n" in data
-    assert "sudo -u ubuntu -H /bin/sh" in data and '"${HOME:-/root}" = /root' in data
-    with pytest.raises(ProviderError):
-        user_data("cat <<ORCH_STARTUP_EOF\nORCH_STARTUP_EOF\n", "ubuntu")
+def test_the_boot_recipe_arms_the_agent_as_the_ssh_user_with_a_systemd_timer(sim):
+    """cloud-init runs user-data as root: the runtime tells the recipe whose ~/.orch it is and how to re-arm."""
+    runtime = make(sim).runtime("box")
+    assert runtime.run_as == "ubuntu" and runtime.rearm == "systemd" and runtime.home == "~/.orch"
 
 
 # -- faults and Lambda's error codes --------------------------------------------------------

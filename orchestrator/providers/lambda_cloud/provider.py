@@ -10,9 +10,10 @@ API URL are handed to the instance over SSH stdin (HOME/agent/stop.env, mode 600
 agent's stop command calls `instance-operations/terminate` with the standard library;
 without one, `self_stop` is False (orch up warns before creating, orch status says partial).
 
-The startup script goes in as `user_data` (cloud-init runs it as root at first boot; it is
-wrapped to run as the SSH user, whose ~/.orch the rest of orch uses); where the API refuses
-`user_data`, the launch is repeated without it and the bootstrap over SSH arms the agent.
+The boot recipe goes in as `user_data` (cloud-init runs it as root at first boot; the runtime
+tells it to arm the agent as the SSH user, whose ~/.orch the rest of orch uses, and to add a
+systemd timer that re-arms it); where the API refuses `user_data`, the launch is repeated
+without it and the bootstrap over SSH arms the agent.
 """
 
 from __future__ import annotations
@@ -147,28 +148,6 @@ def parse_instance_type(name: str, entry: Any) -> InstanceType:
         raise BadResponse(f"lambda: instance type {name!r} in an answer orch cannot read ({type(e).__name__}: {e})") from None
 
 
-def user_data(startup_script: str, user: str) -> str:
-    """The startup script as cloud-init user-data: run as the SSH user (cloud-init runs it as root,
-    with HOME unset or /root); elsewhere (already that user, or a test host) it runs as it is."""
-    end = "ORCH_STARTUP_EOF"
-    if end in startup_script:
-        raise ProviderError("lambda: the startup script contains the user-data heredoc marker; it cannot be wrapped")
-    quser = shlex.quote(user)
-    return (
-        "#!/bin/sh\n"
-        "# orch: cloud-init runs this as root at first boot; orch's files and agent belong to the SSH user\n"
-        'script=$(mktemp /tmp/orch-startup.XXXXXX)\n'
-        f"cat > \"$script\" <<'{end}'\n{startup_script.rstrip(chr(10))}\n{end}\n"
-        'chmod 644 "$script"\n'
-        f'if [ "$(id -u)" = 0 ] && [ "${{HOME:-/root}}" = /root ] && id {quser} >/dev/null 2>&1; then\n'
-        f'  sudo -u {quser} -H /bin/sh "$script"\n'
-        "else\n"
-        '  /bin/sh "$script"\n'
-        "fi\n"
-        'rc=$?; rm -f "$script"; exit $rc\n'
-    )
-
-
 def key_fingerprint(public_key: str) -> str:
     parts = public_key.split()
     try:
@@ -301,7 +280,7 @@ class LambdaProvider:
         if spec.image_id:
             body["image"] = {"id": spec.image_id}
         if spec.startup_script:
-            body["user_data"] = user_data(spec.startup_script, self.settings.ssh_user)
+            body["user_data"] = spec.startup_script
         try:
             ids = self.api.launch(body)
         except InvalidParameters as e:
@@ -342,7 +321,9 @@ class LambdaProvider:
         raise UnsupportedOperation(f"lambda: {self.capabilities.why_not('can_start')}; `orch up` makes a new one")
 
     def runtime(self, name: str) -> RemoteRuntime:
-        return RemoteRuntime(python="python3", code_on_path=False, home=REMOTE_HOME)
+        # cloud-init runs the boot recipe as root: it arms the agent as the SSH user and adds a systemd timer
+        return RemoteRuntime(python="python3", code_on_path=False, home=REMOTE_HOME, run_as=self.settings.ssh_user,
+                             rearm="systemd")
 
     def self_stop_command(self, name: str) -> str:
         """Terminate this instance through the API with the key in stop.env (no key there: says so, exits 1)."""
@@ -378,4 +359,4 @@ def _tags(raw: Any) -> dict[str, str]:
     return {}
 
 
-__all__ = ["KNOWN_REGIONS", "SELF_TERMINATE_KEY_ENV", "InstanceType", "LambdaProvider", "gpu_of", "user_data"]
+__all__ = ["KNOWN_REGIONS", "SELF_TERMINATE_KEY_ENV", "InstanceType", "LambdaProvider", "gpu_of"]
