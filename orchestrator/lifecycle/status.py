@@ -32,9 +32,27 @@ def row(ctx: Ctx, record: InstanceRecord, now: float, with_deadlines: bool = Tru
         auto_shutdown = "partial"
         warnings.append(f"auto-shutdown is partial: {capabilities.why_not('self_stop')}; "
                         f"if this laptop goes away, nothing stops it by itself")
+    warning = release_warning(ctx, record, capabilities.stopped_release_days, now)
+    if warning:
+        warnings.append(warning)
     return StatusRow(record, record.url if tunnel else None, tunnel, uptime,
                      format_duration(uptime) if uptime is not None else None, reconcile.cost(ctx, record, now),
                      deadlines, auto_shutdown, warnings)
+
+
+def release_warning(ctx: Ctx, record: InstanceRecord, release_days: int | None, now: float) -> str | None:
+    """Where the provider deletes instances left stopped: say so when this one gets close."""
+    if not release_days or record.state != LifecycleState.STOPPED:
+        return None
+    stopped_at = max((e["ts"] for e in ctx.state.events(record.name) if e["to_state"] == LifecycleState.STOPPED), default=None)
+    if stopped_at is None:
+        return None
+    left_days = release_days - (now - stopped_at) / 86400
+    if left_days > 3:
+        return None
+    when = f"in {left_days:.1f} days" if left_days > 0 else "any time now"
+    return (f"{ctx.provider(record.provider).name} releases instances stopped for {release_days} days: {record.name} and "
+            f"its disk go {when}; `orch up {record.name}` keeps it, `orch image save IMG {record.name}` keeps its environment")
 
 
 def time_left(ctx: Ctx, record: InstanceRecord) -> tuple[dict[str, Any] | None, bool | None]:

@@ -64,6 +64,8 @@ class Capabilities:
     # The agent on the instance can end its billing by itself (laptop gone). False: only the
     # laptop can (orch up says so before creating, orch status shows the guarantee as partial).
     self_stop: bool = True
+    # The provider deletes an instance stopped for this many days (AutoDL: 15); None: never.
+    stopped_release_days: int | None = None
     regions: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)  # capability name -> why not, in words

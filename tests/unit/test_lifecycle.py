@@ -170,3 +170,15 @@ def test_offers_are_cheapest_first_with_currencies_kept_apart(two_clouds):
     assert [(o.provider, o.currency) for o in offers][:2] == [("fake", "USD"), ("fake", "USD")]
     assert {o.currency for o in offers[2:]} == {"CNY"}, "CNY offers come after, not converted"
     assert failures == {}
+
+
+def test_status_warns_before_the_provider_releases_a_stopped_instance(orch, fake_provider):
+    fake_provider.capabilities = Capabilities(stopped_release_days=15)
+    provision.create(orch.ctx, UpOptions(name="box"), fake_provider.offers())
+    fake_provider.stop("fake-1")
+    orch.state.transition("box", "STOPPED", "test")
+    assert orch.status("box")[0].warnings == [], "just stopped: nothing to say yet"
+    db = orch.state._db
+    db.execute("UPDATE events SET ts = ts - 13 * 86400 WHERE name = 'box' AND to_state = 'STOPPED'")
+    warnings = orch.status("box")[0].warnings
+    assert len(warnings) == 1 and "releases instances stopped for 15 days" in warnings[0] and "in 2.0 days" in warnings[0]
