@@ -74,6 +74,14 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class ImagesSettings:
+    # Where `orch image` keeps images: s3://bucket/prefix or a directory. Default: orch-images/ in storage.url's store.
+    url: str = ""
+    # Paths on the instance saved with an image besides orch's own (~/.orch/models, compiled graphs, outputs).
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     provider: str = "local"
     gpu: str | None = None
@@ -83,6 +91,7 @@ class Settings:
     models: tuple[str, ...] = ()
     deadlines: Deadlines = field(default_factory=Deadlines)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    images: ImagesSettings = field(default_factory=ImagesSettings)
     # Each provider's own section, validated by its settings class (absent = its defaults).
     sections: Mapping[str, Any] = field(default_factory=dict)
 
@@ -150,7 +159,7 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
     return value
 
 
-TOP_KEYS = ("provider", "gpu", "region", "max_price", "tunnel_port", "models", "deadlines", "storage")
+TOP_KEYS = ("provider", "gpu", "region", "max_price", "tunnel_port", "models", "deadlines", "storage", "images")
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -190,6 +199,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         models=tuple(models),
         deadlines=Deadlines.parse(data.get("deadlines"), f"{path}: deadlines"),
         storage=parse_section(StorageSettings, data.get("storage"), f"{path}: storage"),
+        images=_images(data.get("images"), f"{path}: images"),
         sections=sections,
     )
     if "ORCH_PROVIDER" in env:
@@ -201,6 +211,15 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         settings = settings.with_provider_settings("local", price_per_hour=price)
     check_provider(settings.provider)
     return settings
+
+
+def _images(data: Any, where: str) -> ImagesSettings:
+    paths = data.get("paths") if isinstance(data, Mapping) else None
+    if paths is not None and (isinstance(paths, str) or not all(isinstance(p, str) for p in paths)):
+        raise ConfigError(f"{where}.paths: a list of paths on the instance")
+    section = parse_section(ImagesSettings, {k: v for k, v in (data or {}).items() if k != "paths"} if isinstance(data, Mapping) else data,
+                            where)
+    return replace(section, paths=tuple(paths or ()))
 
 
 def _text(value: Any, what: str) -> str:
@@ -221,5 +240,5 @@ def check_provider(spec: str) -> str:
     return spec
 
 
-__all__ = ["Deadlines", "PROVIDERS", "Settings", "StorageSettings", "check_provider", "config_path", "load_settings",
+__all__ = ["Deadlines", "ImagesSettings", "PROVIDERS", "Settings", "StorageSettings", "check_provider", "config_path", "load_settings",
            "orch_home", "parse_section"]

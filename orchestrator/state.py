@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
     deadlines TEXT,
     models TEXT,
     remote_python TEXT,
+    image TEXT,
     settings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 # Columns added since the first release: an older state.db gets them on open.
 _ADDED = {"currency": "TEXT NOT NULL DEFAULT 'USD'", "run_id": "TEXT", "owner": "TEXT", "deadlines": "TEXT",
-          "models": "TEXT", "remote_python": "TEXT"}
+          "models": "TEXT", "remote_python": "TEXT", "image": "TEXT"}
 
 
 @dataclass
@@ -89,6 +90,8 @@ class InstanceRecord:
     models: tuple[str, ...] = ()
     # The interpreter orch installed on the instance (None: the provider's default).
     remote_python: str | None = None
+    # The image it was created from (`orch up --from-image`).
+    image: str | None = None
 
     @property
     def url(self) -> str | None:

@@ -94,15 +94,13 @@ def up(
 def down(
     name: NameArg = None,
     terminate: bool = typer.Option(False, "--terminate", help="Remove the instance and its disk."),
-    save_image: Optional[str] = typer.Option(None, "--save-image"),
+    save_image: Optional[str] = typer.Option(None, "--save-image", help="Save the environment as this image first."),
     as_json: JsonFlag = False,
 ) -> None:
     """Stop the instance (verified with the provider) and its tunnel."""
 
     def go():
-        if save_image:
-            raise ConfigError("--save-image: images are not available in this version yet; nothing was stopped")
-        return orchestrator().down(name, terminate=terminate)
+        return orchestrator().down(name, terminate=terminate, save_image=save_image)
 
     result = run(as_json, go).as_json()
     emit(as_json, result, f"{result['name']}: [bold]{result['status'].lower()}[/bold] (cost {result['cost']:.4f} {result['currency']})")

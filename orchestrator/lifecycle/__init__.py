@@ -87,12 +87,19 @@ class Orchestrator:
         try:
             with timer.phase("create"):
                 if record and found:
+                    if opts.from_image:
+                        raise ConfigError(f"instance {opts.name} exists: --from-image applies to a new instance; "
+                                          f"`orch down {opts.name} --terminate` first, or pick another name")
                     record = provision.restart(ctx, record, found, opts)
+                    strategy = bootstrap.choose(record)
                 else:
                     opts = options.with_settings_defaults(opts, self.settings)
                     record, attempts = provision.create(ctx, opts, provision.choose_offers(ctx, names, opts))
+                    if opts.from_image:
+                        record = self.state.update(record.name, image=opts.from_image)
+                    strategy = bootstrap.choose(record, opts.from_image)
             # 4.-7. SSH, bootstrap, models, server
-            record = self._bring_up(ctx, record, opts, timer)
+            record = self._bring_up(ctx, record, opts, timer, strategy)
         except BaseException as e:
             created = self._fail_and_stop(ctx, opts.name, e)
             if created and isinstance(e, OrchError) and not isinstance(e, ConfigError):
@@ -112,7 +119,8 @@ class Orchestrator:
             return None
         return reconcile.reconcile(self.ctx, record) if record else None
 
-    def _bring_up(self, ctx: Ctx, record: InstanceRecord, opts: UpOptions, timer: PhaseTimer) -> InstanceRecord:
+    def _bring_up(self, ctx: Ctx, record: InstanceRecord, opts: UpOptions, timer: PhaseTimer,
+                  strategy: bootstrap.BootstrapStrategy) -> InstanceRecord:
         name = record.name
         # 4. SSH, the host key pinned on first contact
         with timer.phase("ssh"):
@@ -124,7 +132,7 @@ class Orchestrator:
             # 5. bootstrap (the agent is armed first)
             with timer.phase("bootstrap"):
                 record = ctx.move(name, S.BOOTSTRAPPING)
-                bootstrap.choose(record).prepare(ctx, remote, record)
+                strategy.prepare(ctx, remote, record)
             # 6. models, pulled by the instance itself
             with timer.phase("sync"):
                 model_sync.sync_models(ctx, remote, ctx.record(name))
@@ -189,10 +197,23 @@ class Orchestrator:
 
     # -- down ----------------------------------------------------------------------------
 
-    def down(self, name: str | None, terminate: bool = False, progress: Progress | None = None) -> DownResult:
+    def down(self, name: str | None, terminate: bool = False, progress: Progress | None = None,
+             save_image: str | None = None) -> DownResult:
         """Stop (or terminate) and wait for the provider to confirm. Stopping comes first:
-        a state database that cannot be written is reported after, never before."""
+        a state database that cannot be written is reported after, never before. With
+        save_image, the environment is saved first (nothing stops if that fails), and the
+        provider's own image of the stopped instance after, where it has one."""
         ctx = self._with(progress)
+        if save_image:
+            from ..images import save as images
+
+            images.save(ctx, self.resolve(name, want_running=True), save_image)
+            result = self.down(name, terminate=False, progress=progress)
+            try:
+                images.save_native(ctx, self.resolve(result.name, want_running=False), save_image)
+            except OrchError as e:
+                ctx.progress(f"{result.name}: the provider's own image was not saved ({e}); the portable image {save_image} is complete")
+            return self.down(result.name, terminate=True) if terminate else result
         unrecorded: list[str] = []
 
         def record_it(fn: Callable[[], Any]) -> None:

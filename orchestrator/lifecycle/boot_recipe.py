@@ -38,14 +38,18 @@ def images_dir() -> Path:
                     f"reinstall orch")
 
 
+# What must run before anything else of orch is on the instance: the agent and the control program.
+BOOT_MODULES = ("__init__.py", "_files.py", "agent.py", "ctl.py", "protocol.py")
+
+
 def agent_bundle() -> bytes:
-    """The standard-library programs of remote/ (agent, control program, protocol) as a tar.gz."""
+    """The standard-library programs of remote/ the boot needs (BOOT_MODULES) as a tar.gz."""
     import remote
 
     root = Path(remote.__file__).parent
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
-        for p in sorted(root.glob("*.py")):
+        for p in sorted(root / name for name in BOOT_MODULES):
             data = p.read_bytes()
             info = tarfile.TarInfo(f"remote/{p.name}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0

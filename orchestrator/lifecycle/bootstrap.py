@@ -36,7 +36,12 @@ class BootstrapStrategy(Protocol):
         ...
 
 
-def choose(record: InstanceRecord) -> BootstrapStrategy:
+def choose(record: InstanceRecord, from_image: str | None = None) -> BootstrapStrategy:
+    """A new instance from an image restores it; anything else (a restart keeps its disk) installs what is missing."""
+    if from_image:
+        from ..images.restore import PortableRestore
+
+        return PortableRestore(from_image)
     return FreshInstall()
 
 

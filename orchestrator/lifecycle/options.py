@@ -52,7 +52,10 @@ def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpO
                 raise ConfigError(f"--price-per-hour: provider {provider.name} prices its instances itself; "
                                   f"the flag is for local and ssh instances (what the machine costs you)")
     if opts.from_image is not None:
-        raise ConfigError("--from-image: images are not available in this version yet")
+        from ..images.store import ImageStore, images_url
+
+        inputs.instance_name(opts.from_image, what="--from-image")
+        ImageStore(images_url(settings)).check_usable(opts.from_image)
     if opts.deadlines.budget is not None:
         inputs.budget(opts.deadlines.budget, what="--budget")
     models = opts.models if opts.models is not None else settings.models

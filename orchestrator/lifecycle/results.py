@@ -76,6 +76,7 @@ class StatusRow:
             "instance_id": r.instance_id,
             "status": r.state,
             "url": self.url,
+            "token": r.token,
             "tunnel": self.tunnel,
             "gpu": r.gpu,
             "region": r.region,
@@ -88,6 +89,7 @@ class StatusRow:
             "stop_reason": r.stop_reason,
             "deadlines": self.deadlines,
             "auto_shutdown": self.auto_shutdown,
+            "image": r.image,
             "warnings": self.warnings,
         }
 
