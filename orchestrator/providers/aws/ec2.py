@@ -150,7 +150,7 @@ class Ec2:
             except (RateLimited, ProviderUnavailable):
                 if attempt == LAUNCH_ATTEMPTS:
                     raise
-                time.sleep(min(20.0, random.uniform(0.5, 1.0) * 2 ** attempt))
+                time.sleep(min(20.0, random.uniform(0.5, 1.0) * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")
 
     def _call(self, client: Any, region: str, operation: str, params: dict[str, Any]) -> dict[str, Any]:
