@@ -113,7 +113,7 @@ class Ec2:
         if key not in self._clients:
             from botocore.config import Config
 
-            retries = {"mode": "standard", "max_attempts": 1 if launch else 8}
+            retries = {"mode": "standard", "total_max_attempts": 1 if launch else 8}
             config = Config(region_name=region, retries=retries, connect_timeout=10, read_timeout=60,
                             user_agent_extra="orch")
             kwargs: dict[str, Any] = {"config": config}
