@@ -109,6 +109,16 @@ def test_settings_check_regions_and_the_ssh_range():
         parse_section(Settings, {"secret_access_key": "x"}, "aws")
 
 
+def test_ssh_open_to_anyone_is_warned_once(caplog):
+    provider = AwsProvider(Settings())
+    with caplog.at_level("WARNING"):
+        provider._warn_open_ssh()
+        provider._warn_open_ssh()
+        AwsProvider(Settings(ssh_cidr="203.0.113.7/32"))._warn_open_ssh()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "0.0.0.0/0" in warned[0] and "aws.ssh_cidr" in warned[0]
+
+
 def test_capabilities_declare_only_regions_and_gpus():
     caps = AwsProvider.capabilities
     assert caps.can_stop and caps.can_start and caps.self_stop and caps.prices_before_create and not caps.user_sets_price

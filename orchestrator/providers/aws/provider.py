@@ -409,9 +409,25 @@ class AwsProvider:
         if d.get("InstanceLifecycle") == "spot":
             # A one-time spot instance cannot be stopped; terminating it is what ends its billing.
             return self.terminate(f"{iid}@{region}")
-        if (d.get("State") or {}).get("Name") in ("pending", "running"):
+        state = (d.get("State") or {}).get("Name")
+        if state == "pending":  # EC2 stops only a running instance: wait for it (bounded), then stop it
+            state = self._after_pending(region, iid)
+        if state == "running":
             self.ec2.call(region, "stop_instances", InstanceIds=[iid])
         return self.get(f"{iid}@{region}")
+
+    def _after_pending(self, region: str, iid: str, timeout: float = 300.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            _, _, d = self._document(f"{iid}@{region}")
+            with _reading("describe_instances", region):
+                state = d["State"]["Name"]
+            if state != "pending":
+                return state
+            if time.monotonic() > deadline:
+                raise InvalidState(f"instance {iid} in {region} is still pending after {timeout:.0f}s; EC2 stops it "
+                                   f"only once it runs: `orch down` again in a minute")
+            time.sleep(2.0)
 
     def terminate(self, instance_id: str) -> Instance:
         region, iid, _ = self._document(instance_id)
