@@ -119,7 +119,7 @@ def test_up_fails_over_gen_idle_stop_status_restart_down(sim, aws_home, orch, tm
 
     status = orch("status", "box", "--json").json
     assert status["status"] == "STOPPED"
-    assert "idle" in status["stop_reason"], status
+    assert "idle" in status["stop_reason"], (status, sim.console(iid))
 
     # 4. up again starts the same instance, with its disk; down --terminate removes it.
     again = orch("up", "box", "--detach", "--json", timeout=600).json

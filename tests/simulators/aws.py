@@ -156,10 +156,12 @@ class AwsSimulator:
     def state(self, instance_id: str) -> str:
         return self.instance(instance_id).state
 
-    def entered(self, instance_id: str, state: str) -> float | None:
-        """When the instance last entered `state` (time.time()), or None."""
+    def entered(self, instance_id: str, state: str, after: float | None = None) -> float | None:
+        """When the instance last entered `state` (time.time()), or first did after `after`; None if it did not."""
         iid = instance_id.partition("@")[0]
         times = [t for t, i, s in self.events if i == iid and s == state]
+        if after is not None:
+            return next((t for t in times if t >= after), None)
         return times[-1] if times else None
 
     def host_dir(self, instance_id: str) -> Path:

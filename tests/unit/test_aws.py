@@ -169,8 +169,11 @@ def test_missing_credentials_name_the_variables_and_files(creds, monkeypatch):
     with pytest.raises(AuthError) as e:
         AwsProvider(Settings(regions=("us-east-1",))).get("i-0123456789abcdef0@us-east-1")
     assert "AWS_ACCESS_KEY_ID" in str(e.value) and "AWS_PROFILE" in str(e.value) and "/dev/null" in str(e.value)
-    with pytest.raises(AuthError, match="profile 'nope'"):
+    with pytest.raises(AuthError, match=r"profile 'nope' \(aws.profile in orch.yaml\)"):
         AwsProvider(Settings(profile="nope")).list()
+    monkeypatch.setenv("AWS_PROFILE", "gone")
+    with pytest.raises(AuthError, match=r"profile 'gone' \(AWS_PROFILE\)"):
+        AwsProvider(Settings()).list()
 
 
 def test_an_id_that_is_not_ec2s_is_not_found_without_asking(creds):
@@ -274,3 +277,5 @@ def test_self_stop_writes_the_reason_to_the_console_then_powers_off():
                + "reboot: Power down\n")
     assert boot.reason_from_console(console) == "idle 15m"
     assert boot.reason_from_console("Linux version 6.8\n") is None
+    assert boot.reason_from_console(console + boot.BOOT_MARK + "1795977000\n") is None, "that reason was an earlier boot's"
+    assert boot.BOOT_MARK in boot.user_data("#!/bin/sh\n", "ubuntu")

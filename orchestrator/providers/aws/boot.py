@@ -29,6 +29,7 @@ from ...ssh import sh_path
 
 USER_DATA_LIMIT = 16 * 1024  # bytes, before base64 (EC2's limit)
 CONSOLE_MARK = "orch-agent-stop: "
+BOOT_MARK = "orch-boot: "
 CONSOLE_ENV = "ORCH_CONSOLE"  # the console device (a simulator points it at a file)
 PER_BOOT = "/var/lib/cloud/scripts/per-boot/orch-boot.sh"
 
@@ -57,6 +58,8 @@ def user_data(startup_script: str, login_user: str, deadline: float | None = Non
         'if [ -n "$CLOUD_INIT" ] && [ "$0" != ' + PER_BOOT + ' ]; then\n'
         f'  mkdir -p {PER_BOOT.rsplit("/", 1)[0]} && cp "$0" {PER_BOOT} && chmod 755 {PER_BOOT}\n'
         "fi\n"
+        "# a boot mark on the console: a stop reason written before it belongs to an earlier boot\n"
+        f'echo "{BOOT_MARK}$(date +%s)" >> "${{{CONSOLE_ENV}:-/dev/console}}" 2>/dev/null\n'
         + (backstop_lines(deadline) if deadline is not None else "")
         + "# orch's boot script (it arms the auto-shutdown agent), as the login user\n"
         "orch_boot() {\n"
@@ -86,8 +89,10 @@ def self_stop_command(home: str) -> str:
 
 
 def reason_from_console(output: str) -> str | None:
-    """The agent's last stop reason in the instance's console output, if it wrote one."""
+    """The agent's stop reason in the console output of the instance's last boot, if it wrote one."""
     for line in reversed(output.splitlines()):
+        if BOOT_MARK in line:
+            return None
         _, mark, rest = line.partition(CONSOLE_MARK)
         if not mark:
             continue
@@ -100,4 +105,4 @@ def reason_from_console(output: str) -> str | None:
     return None
 
 
-__all__ = ["CONSOLE_ENV", "CONSOLE_MARK", "backstop_lines", "reason_from_console", "self_stop_command", "user_data"]
+__all__ = ["BOOT_MARK", "CONSOLE_ENV", "CONSOLE_MARK", "backstop_lines", "reason_from_console", "self_stop_command", "user_data"]

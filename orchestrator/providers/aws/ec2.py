@@ -80,9 +80,10 @@ class Ec2:
             try:
                 self._session = boto3.Session(profile_name=self.settings.profile or None)
             except botocore.exceptions.ProfileNotFound:
-                name = self.settings.profile
-                raise AuthError(f"AWS profile {name!r} (aws.profile in orch.yaml) is not in "
-                                f"{_config_file()} or {_credentials_file()}; `aws configure --profile {name}` makes it") from None
+                name = self.settings.profile or os.environ.get("AWS_PROFILE", "")
+                where = "aws.profile in orch.yaml" if self.settings.profile else "AWS_PROFILE"
+                raise AuthError(f"AWS profile {name!r} ({where}) is not in {_config_file()} or {_credentials_file()}; "
+                                f"`aws configure --profile {name}` makes it") from None
         return self._session
 
     def default_region(self) -> str | None:

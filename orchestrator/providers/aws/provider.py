@@ -19,7 +19,6 @@ and a security group that opens only SSH.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import re
@@ -472,14 +471,11 @@ class AwsProvider:
     def _console_reason(self, region: str, iid: str) -> str | None:
         for params in ({"Latest": True}, {}):  # the latest output where the instance type supports it (Nitro)
             try:
+                # botocore decodes EC2's base64 Output itself (its after-call handler for GetConsoleOutput).
                 output = self.ec2.call(region, "get_console_output", InstanceId=iid, **params).get("Output") or ""
             except ProviderError:
                 continue
-            try:
-                text = base64.b64decode(output).decode("utf-8", "replace")
-            except ValueError:
-                text = output
-            return boot.reason_from_console(text)
+            return boot.reason_from_console(output if isinstance(output, str) else "")
         return None
 
 
