@@ -175,11 +175,17 @@ def test_max_lifetime_backstop_powers_off_and_ec2_stops_it(sim, provider, tmp_pa
     provider.terminate(created.instance_id)
 
 
-def test_launch_refused_by_throttling_is_retried_once_with_one_instance(sim, provider, tmp_path):
-    """RequestLimitExceeded (HTTP 503) on RunInstances: retried with the same ClientToken; one instance results."""
+def test_a_throttled_launch_is_retried_and_a_full_zone_moves_to_the_next(sim, provider, tmp_path):
+    """RequestLimitExceeded (HTTP 503) on RunInstances is retried (same ClientToken); no capacity in the first zone
+    moves to the next zone of the same offer; one instance results, on orch's key pair and SSH-only group."""
     spec = _spec(provider, tmp_path, "throttled")
     sim.throttle_launches(1)
-    created = provider.create(spec)
+    sim.fail("us-east-1a", "g6.xlarge")
+    try:
+        created = provider.create(spec)
+    finally:
+        sim.heal("us-east-1a")
+    assert sim.instance(created.instance_id).placement.zone == "us-east-1b"
     assert [i.instance_id for i in provider.list() if i.run_id == spec.tags[RUN_TAG]] == [created.instance_id]
     assert created.tags[CREATED_TAG] and created.price_per_hour == 0.8048
     ec2 = provider.ec2
