@@ -32,7 +32,7 @@ class ProviderEntry:
 ENTRIES = (
     ProviderEntry("local", "instances on this machine (the embedded default)", "orchestrator.providers.local", rented=False),
     ProviderEntry("ssh", "a host you can already ssh into", "orchestrator.providers.ssh"),
-    ProviderEntry("aws", "AWS EC2", None, "aws"),
+    ProviderEntry("aws", "AWS EC2", "orchestrator.providers.aws", "aws"),
     ProviderEntry("runpod", "RunPod", None),
     ProviderEntry("vast", "Vast.ai", None),
     ProviderEntry("lambda", "Lambda Cloud", "orchestrator.providers.lambda_cloud"),

@@ -69,7 +69,24 @@ def _lambda(tmp_path: Path, request) -> Case:
     return Case(provider, offer, replace(offer, region="europe-central-1"), key, public_key_line(key))
 
 
-PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda}
+def _aws(tmp_path: Path, request) -> Case:
+    """AWS EC2 against tests/simulators/aws.py (moto's API, real local hosts), one simulator per module."""
+    from orchestrator.providers.aws import AwsProvider, Settings
+    from tests.simulators.aws import module_simulator
+
+    sim = module_simulator(request)
+    sim.fail("us-east-1", "g5.48xlarge")  # the offer it cannot serve: no capacity in any zone
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for k, v in sim.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    provider = AwsProvider(Settings(ssh_cidr="127.0.0.0/8", python=sys.executable, regions=("us-east-1",)))
+    offer = next(o for o in provider.offers(gpu="A10G") if o.offer_id == "g5.xlarge" and not o.interruptible)
+    key = ensure_user_key(tmp_path / "home")
+    return Case(provider, offer, replace(offer, offer_id="g5.48xlarge"), key, public_key_line(key))
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))

@@ -1,0 +1,22 @@
+"""AWS EC2 (boto3): GPU instance types as offers per region, real instances, billing stopped by EC2.
+
+    settings.py  the `aws:` section of orch.yaml (no SDK import)
+    prices.py    the instance types orch offers and their on-demand prices, with the table's date
+    ec2.py       boto3 clients per region; EC2's errors translated into orch's
+    boot.py      the user-data around orch's boot script; the agent's self-stop (power off)
+    provider.py  the Provider
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .provider import AwsProvider
+from .settings import Settings
+
+
+def make(settings: Settings, home: Path) -> AwsProvider:
+    return AwsProvider(settings)
+
+
+__all__ = ["AwsProvider", "Settings", "make"]
