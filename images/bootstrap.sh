@@ -13,16 +13,13 @@
 #   ORCH_MODELS_DIR    optional: where models live (a data disk that survives a stop)
 #   ORCH_REARM         systemd | cron | empty: how a dead agent is armed again (empty: the host is
 #                      not orch's to change, as with the local and ssh providers)
-#   ORCH_BACKSTOP      optional: a shell line the provider gives, run first (e.g. `shutdown -h +480`)
 #
-# In order: the provider's backstop; the agent armed (before anything slow); a second way to
+# In order: the agent armed (before anything slow); a second way to
 # re-arm it if both its processes die (a systemd timer where systemd runs, else cron where
 # present; the image server also checks it); the models directory; then the server's packages
 # (a venv with the lock, only where the interpreter lacks them). Progress and the outcome go to
 # $ORCH_HOME/boot-recipe.json, which the laptop waits on: {"status": running|done|failed, ...}.
 set -u
-
-[ -n "${ORCH_BACKSTOP:-}" ] && sh -c "$ORCH_BACKSTOP" || true
 
 if [ -n "${ORCH_RUN_AS:-}" ] && [ "$(id -u)" = 0 ] && [ "$(id -un)" != "$ORCH_RUN_AS" ] && id "$ORCH_RUN_AS" >/dev/null 2>&1; then
     OWNER_HOME=$(getent passwd "$ORCH_RUN_AS" | cut -d: -f6)

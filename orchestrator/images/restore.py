@@ -13,13 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from ..lifecycle.bootstrap import (
-    agent_config,
-    hand_over_stop_credentials,
-    install_server_env,
-    upload_code,
-    wait_for_boot_recipe,
-)
+from ..lifecycle.bootstrap import arm, install_server_env, upload_code, wait_for_boot_recipe
 from ..lifecycle.context import Ctx
 from ..lifecycle.remote import Remote
 from ..providers.base import RemoteRuntime
@@ -47,9 +41,7 @@ class PortableRestore:
         # 1. as a fresh install: boot recipe, code, the agent armed before anything slow
         wait_for_boot_recipe(ctx, remote, record)
         upload_code(ctx, remote)
-        provider = ctx.provider(record.provider)
-        hand_over_stop_credentials(provider, remote, record.name)
-        remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
+        arm(ctx, remote, record)
         creds = store_credentials(ctx, store.url)
         home = remote.runtime.home
         pull = lambda part, dst: self._pull(ctx, remote, store.part_url(self.image, part), dst, creds)  # noqa: E731

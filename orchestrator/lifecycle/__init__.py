@@ -20,6 +20,7 @@ from ..config import Settings, orch_home
 from ..errors import ConfigError, LifecycleError, NotRunning, OrchError, StateError
 from ..providers import registry
 from ..providers.base import InstanceStatus, Offer, Provider
+from ..providers.capabilities import BootBackstop
 from ..providers.registry import AVAILABLE
 from ..ssh import SshSession
 from ..state import InstanceRecord, State
@@ -69,6 +70,8 @@ class Orchestrator:
         # 2. every input checked before anything is created
         opts = options.check(opts, self.settings, providers)
         found = reconcile.live(ctx, record) if record else None
+        if found is not None and found.status.is_gone:
+            found = None
         if record and found is None:
             ctx.progress(f"{opts.name}: the provider no longer has instance {record.instance_id}; creating a new one")
             self.state.delete(opts.name)
@@ -268,6 +271,10 @@ class Orchestrator:
             if rearmed:
                 serve.ensure_agent(ctx, remote, record)
             result = remote.agent_set(changes)
+            provider = ctx.provider(record.provider)
+            if "max_lifetime" in changes and isinstance(provider, BootBackstop):
+                # The provider's own backstop would still fire at the old deadline.
+                remote.run(provider.backstop_command(record.created_at + changes["max_lifetime"]), timeout=60)
         deadlines = replace(record.deadlines, **changes)
         self.state.update(record.name, deadlines=deadlines)
         return ExtendResult(record.name, deadlines.as_json(), result.get("left", {}), rearmed)

@@ -19,7 +19,6 @@ from typing import Any
 
 from ..errors import OrchError
 from ..providers.base import Provider, RemoteRuntime
-from ..providers.capabilities import BootBackstop
 
 RECIPE = "bootstrap.sh"
 LOCK = "requirements.lock"
@@ -38,8 +37,8 @@ def images_dir() -> Path:
                     f"reinstall orch")
 
 
-# What must run before anything else of orch is on the instance: the agent and the control program.
-BOOT_MODULES = ("__init__.py", "_files.py", "agent.py", "ctl.py", "protocol.py")
+# What must run before anything else of orch is on the instance: the agent (the rest arrives over SSH).
+BOOT_MODULES = ("__init__.py", "_files.py", "agent.py")
 
 
 def agent_bundle() -> bytes:
@@ -57,8 +56,7 @@ def agent_bundle() -> bytes:
     return buf.getvalue()
 
 
-def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, Any], max_lifetime_s: float) -> str:
-    backstop = provider.backstop_command(max_lifetime_s) if isinstance(provider, BootBackstop) else ""
+def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, Any]) -> str:
     variables = {
         "ORCH_HOME_SPEC": runtime.home,
         "ORCH_RUN_AS": runtime.run_as,
@@ -67,7 +65,6 @@ def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, A
         "ORCH_AGENT_CONFIG": base64.b64encode(json.dumps(agent_config).encode()).decode(),
         "ORCH_MODELS_DIR": runtime.models_dir,
         "ORCH_REARM": runtime.rearm,
-        "ORCH_BACKSTOP": backstop,
     }
     prologue = "#!/bin/sh\n# orch boot script: the variables images/bootstrap.sh reads, then the recipe itself\n"
     prologue += "".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items())

@@ -56,9 +56,7 @@ class FreshInstall:
         # 1. orch's instance code, where the host lacks it
         upload_code(ctx, remote)
         # 2. the agent, before anything slow (where the startup script armed it, this keeps its clocks)
-        provider = ctx.provider(record.provider)
-        hand_over_stop_credentials(provider, remote, record.name)
-        remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
+        arm(ctx, remote, record)
         # 3. the server's packages
         missing = remote.check_deps()["missing"]
         if missing:
@@ -67,6 +65,21 @@ class FreshInstall:
         # 4. the server's token
         remote.put_bytes((record.token or "").encode(), f"{remote.runtime.home}/token")
         return remote.runtime
+
+
+def arm(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
+    """The agent armed with this record's deadlines: where the boot script armed it already (with the
+    deadlines of the instance's creation), those of this `up` are set on the running agent."""
+    provider = ctx.provider(record.provider)
+    hand_over_stop_credentials(provider, remote, record.name)
+    result = remote.arm_agent(agent_config(provider, record.name, record.price_per_hour, record.deadlines, record.created_at))
+    if result.get("already_running"):
+        d = record.deadlines
+        changes = {"idle": d.idle, "boot_timeout": d.boot_timeout, "max_lifetime": d.max_lifetime,
+                   "heartbeat_timeout": d.heartbeat_timeout}
+        if d.budget is not None:
+            changes["budget"] = d.budget
+        remote.agent_set(changes)
 
 
 def wait_for_boot_recipe(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
@@ -126,7 +139,14 @@ def install_server_env(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None
     runtime = remote.runtime
     venv = f"{runtime.home}/venv"
     reqs = " ".join(shlex.quote(r) for r in boot_recipe.lock_requirements() or server_requirements())
+    # --system-site-packages sees the base interpreter's packages, not those of a venv the image's python
+    # lives in (the Deep Learning AMI's /opt/pytorch): a .pth adds that venv's site-packages too, so
+    # its PyTorch is used instead of downloaded again.
+    inherit = ("import site, sys; "
+               "open(sys.argv[1], 'w').write(chr(10).join(site.getsitepackages()) + chr(10)) if sys.prefix != sys.base_prefix else None")
     script = (f"{shlex.quote(runtime.python)} -m venv --system-site-packages {sh_path(venv)} && "
+              f"{shlex.quote(runtime.python)} -c {shlex.quote(inherit)} "
+              f"\"$({sh_path(venv)}/bin/python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')/_orch_image_python.pth\" && "
               f"{sh_path(venv)}/bin/python -m pip install --quiet {reqs}")
     try:
         remote.run(f"sh -c {shlex.quote(script)}", timeout=3600)

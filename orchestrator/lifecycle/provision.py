@@ -124,8 +124,8 @@ def create(ctx: Ctx, opts: UpOptions, offers: list[Offer]) -> tuple[InstanceReco
         config = agent_config(provider, opts.name, offer.price_per_hour or 0.0, opts.deadlines, now)
         spec = InstanceSpec(name=opts.name, offer=offer, ssh_public_key=public_key_line(key),
                             tags={ORCH_TAG: "1", NAME_TAG: opts.name, RUN_TAG: run_id},
-                            startup_script=boot_recipe.script(provider, provider.runtime(opts.name), config,
-                                                              opts.deadlines.max_lifetime))
+                            startup_script=boot_recipe.script(provider, provider.runtime(opts.name), config),
+                            deadline=now + opts.deadlines.max_lifetime)
         try:
             instance = provider.create(spec)
         except InsufficientCapacity as e:

@@ -53,13 +53,15 @@ def reconcile(ctx: Ctx, record: InstanceRecord) -> InstanceRecord:
     if found is None or found.status.is_gone:
         if record.state in BILLING_STATES - {LifecycleState.STOPPING}:
             # Not orch's doing: its agent (providers that cannot stop terminate), a spot reclaim, the console.
-            why = f"terminated outside orch ({found.raw_status if found else 'gone'}): by its agent, the provider or its console"
-            return force(ctx, record, LifecycleState.TERMINATED, why, stop_reason=record.stop_reason or why)
+            provider = ctx.provider(record.provider)
+            reason = provider.stop_reason(record.instance_id) if found and isinstance(provider, ReportsStopReason) else None
+            why = reason or f"terminated outside orch ({found.raw_status if found else 'gone'}): by its agent, the provider or its console"
+            return force(ctx, record, LifecycleState.TERMINATED, why, stop_reason=why)
         return force(ctx, record, LifecycleState.TERMINATED, "the provider no longer has it")
     if found.status == InstanceStatus.STOPPED and record.state in BILLING_STATES - {LifecycleState.STOPPING}:
         provider = ctx.provider(record.provider)
         reason = provider.stop_reason(record.instance_id) if isinstance(provider, ReportsStopReason) else None
-        return force(ctx, record, LifecycleState.STOPPED, f"stopped by its agent: {reason}" if reason else "stopped outside orch",
+        return force(ctx, record, LifecycleState.STOPPED, f"stopped: {reason}" if reason else "stopped outside orch",
                      stop_reason=reason or "stopped outside orch")
     return record
 

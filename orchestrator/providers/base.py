@@ -114,6 +114,9 @@ class InstanceSpec:
     tags: dict[str, str] = field(default_factory=dict)
     # Shell lines the instance runs at boot, before anything slow.
     startup_script: str = ""
+    # created_at + max_lifetime (epoch seconds): a provider with a backstop of its own (EC2: `shutdown -h`
+    # at boot, InstanceInitiatedShutdownBehavior) enforces it even if orch's agent never runs.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

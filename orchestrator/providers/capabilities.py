@@ -44,13 +44,13 @@ class SelfStopCredentials(Protocol):
 
 @runtime_checkable
 class BootBackstop(Protocol):
-    """A deadline the provider itself enforces, set at boot before anything of orch runs.
+    """A max_lifetime the provider enforces outside orch's agent (set at create from InstanceSpec.deadline).
 
-    Returns a shell line the boot recipe runs first (EC2: `shutdown -h +N`, which with
-    InstanceInitiatedShutdownBehavior stops the instance even if orch's agent never starts).
+    Returns the command that moves it to `deadline` (epoch seconds) on a running instance, run
+    over SSH when `orch extend --max-lifetime` moves the agent's (else the old one would still fire).
     """
 
-    def backstop_command(self, max_lifetime_s: float) -> str: ...
+    def backstop_command(self, deadline: float) -> str: ...
 
 
 __all__ = ["BootBackstop", "NativeImages", "ReportsStopReason", "SelfStopCredentials"]

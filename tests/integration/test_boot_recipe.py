@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @dataclass
 class ImageProvider:
-    """Just what the recipe asks of a provider: its runtime, stop command and backstop."""
+    """Just what the recipe asks of a provider: its runtime and stop command."""
 
     runtime_: RemoteRuntime
     name: str = "image"
@@ -42,9 +42,6 @@ class ImageProvider:
 
     def self_stop_command(self, name: str) -> str:
         return "poweroff"
-
-    def backstop_command(self, max_lifetime_s: float) -> str:
-        return f"shutdown -h +{int(max_lifetime_s // 60)}"
 
 
 def _fakes(bin_dir: Path, record: Path) -> None:
@@ -62,7 +59,7 @@ def _run(tmp_path: Path, runtime: RemoteRuntime, extra_env: dict[str, str] | Non
     provider = ImageProvider(runtime)
     config = agent_config(provider, "box", 1.5, Deadlines(max_lifetime=max_lifetime), time.time())
     script = tmp_path / "user-data.sh"
-    script.write_text(boot_recipe.script(provider, runtime, config, max_lifetime))
+    script.write_text(boot_recipe.script(provider, runtime, config))
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     record = tmp_path / "calls"
@@ -108,7 +105,7 @@ def stop_agents():
                 pass
 
 
-def test_a_vm_boot_arms_the_agent_first_sets_the_backstop_and_a_systemd_timer(tmp_path, stop_agents):
+def test_a_vm_boot_arms_the_agent_and_a_systemd_timer_that_re_arms_it(tmp_path, stop_agents):
     if os.geteuid() != 0:
         pytest.skip("the recipe writes systemd units only as root")
     units, running = tmp_path / "units", tmp_path / "run-systemd"
@@ -122,7 +119,6 @@ def test_a_vm_boot_arms_the_agent_first_sets_the_backstop_and_a_systemd_timer(tm
     status = json.loads((orch_home / "boot-recipe.json").read_text())
     assert status["status"] == "done" and status["python"] == sys.executable
     calls = record.read_text().splitlines()
-    assert calls[0] == "shutdown -h +180", "the provider's backstop runs first"
     assert "systemctl daemon-reload" in calls and "systemctl enable --now orch-agent.timer" in calls
     service = (units / "orch-agent.service").read_text()
     assert f"--home {orch_home} arm --config-b64 e30=" in service and "OnUnitActiveSec=30s" in (units / "orch-agent.timer").read_text()
@@ -158,7 +154,7 @@ def test_a_container_boot_re_arms_through_cron_once(tmp_path, stop_agents):
 
 
 def test_a_host_that_is_not_ours_is_left_alone(tmp_path, stop_agents):
-    """local and ssh: no systemd unit, no cron entry, no backstop of the host."""
+    """local and ssh: no systemd unit, no cron entry."""
     runtime = RemoteRuntime(python=sys.executable, home="~/.orch")
     proc, orch_home, record = _run(tmp_path, runtime)
     stop_agents(orch_home)
@@ -189,8 +185,8 @@ def test_an_image_without_the_packages_gets_a_venv_from_the_lock(tmp_path, stop_
     script_env = {"ORCH_LOCK": lock, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
     # The prologue sets ORCH_LOCK to nothing unless the provider sends one: send it here.
     provider = ImageProvider(runtime)
-    text = boot_recipe.script(provider, runtime, agent_config(provider, "b", 0, Deadlines(), time.time()), 3600)
-    text = text.replace("export ORCH_BACKSTOP=", f"export ORCH_LOCK={lock}\nexport ORCH_BACKSTOP=", 1)
+    text = boot_recipe.script(provider, runtime, agent_config(provider, "b", 0, Deadlines(), time.time()))
+    text = text.replace("export ORCH_REARM=", f"export ORCH_LOCK={lock}\nexport ORCH_REARM=", 1)
     (tmp_path / "bin").mkdir()
     home = tmp_path / "home"
     home.mkdir()

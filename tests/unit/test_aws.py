@@ -261,7 +261,7 @@ def test_user_data_carries_the_boot_script_as_is_and_the_backstop_when_given():
     assert script in text and "shutdown -h" not in text
     end = text.split("cat <<'", 1)[1].split("'", 1)[0]
     assert text.count(f"\n{end}\n") == 1, "the boot script sits in a quoted here-document"
-    assert "runuser -l ubuntu" in text and boot.PER_BOOT in text
+    assert boot.PER_BOOT in text and "runuser" not in text, "run as root: the runtime tells the recipe whose home it is"
     deadline = time.time() + 3600
     backstop = boot.user_data(script, "ubuntu", deadline=deadline)
     assert f"left=$(( ({int(deadline)} - $(date +%s) + 59) / 60 ))" in backstop and 'shutdown -h "+$left"' in backstop
@@ -279,3 +279,19 @@ def test_self_stop_writes_the_reason_to_the_console_then_powers_off():
     assert boot.reason_from_console("Linux version 6.8\n") is None
     assert boot.reason_from_console(console + boot.BOOT_MARK + "1795977000\n") is None, "that reason was an earlier boot's"
     assert boot.BOOT_MARK in boot.user_data("#!/bin/sh\n", "ubuntu")
+
+
+def test_the_boot_recipe_runs_as_root_for_the_login_user_with_a_systemd_re_arm():
+    from orchestrator.providers.aws import AwsProvider, Settings
+
+    settings = Settings()
+    provider = AwsProvider.__new__(AwsProvider)
+    provider.settings = settings
+    runtime = provider.runtime("box")
+    assert runtime.run_as == settings.ssh_user and runtime.rearm == "systemd" and runtime.home == "~/.orch"
+
+
+def test_extending_max_lifetime_moves_ec2s_backstop():
+    deadline = time.time() + 7200
+    command = boot.backstop_command(deadline)
+    assert command.startswith("sudo -n sh -c ") and "shutdown -c" in command and str(int(deadline)) in command

@@ -6,8 +6,9 @@ itself into cloud-init's per-boot directory. It then
   1. schedules the max_lifetime backstop where orch gives a deadline: `shutdown -h +N`, N
      computed at each boot from the absolute deadline. When the machine powers itself off, EC2
      stops it (terminates a spot instance): InstanceInitiatedShutdownBehavior, set at launch;
-  2. runs orch's boot script (the lifecycle's InstanceSpec.startup_script: it arms the agent)
-     as the login user, whose home the laptop's SSH session sees.
+  2. runs orch's boot script (the lifecycle's InstanceSpec.startup_script, images/bootstrap.sh) as
+     root: the provider's runtime tells it to arm the agent as the login user, whose home the
+     laptop's SSH session sees, and to add a systemd timer that re-arms a killed agent.
 Outside cloud-init (a simulator's host runs it directly at every power-on) it only runs 1 and 2,
 as the user it was started as.
 
@@ -49,7 +50,6 @@ def user_data(startup_script: str, login_user: str, deadline: float | None = Non
     """The EC2 user-data around orch's boot script (see the module docstring)."""
     script = startup_script if startup_script.endswith("\n") or not startup_script else startup_script + "\n"
     end = "ORCH_BOOT_" + hashlib.sha256(script.encode()).hexdigest()[:16]
-    user = shlex.quote(login_user)
     text = (
         "#!/bin/sh\n"
         "# orch (EC2): cloud-init runs this as root at first boot and, copied to its per-boot directory, at every boot.\n"
@@ -61,22 +61,23 @@ def user_data(startup_script: str, login_user: str, deadline: float | None = Non
         "# a boot mark on the console: a stop reason written before it belongs to an earlier boot\n"
         f'echo "{BOOT_MARK}$(date +%s)" >> "${{{CONSOLE_ENV}:-/dev/console}}" 2>/dev/null\n'
         + (backstop_lines(deadline) if deadline is not None else "")
-        + "# orch's boot script (it arms the auto-shutdown agent), as the login user\n"
+        + "# orch's boot script (it arms the auto-shutdown agent as the login user)\n"
         "orch_boot() {\n"
         f"cat <<'{end}'\n"
         f"{script}"
         f"{end}\n"
         "}\n"
-        f'if [ -n "$CLOUD_INIT" ] && id -u {user} >/dev/null 2>&1; then\n'
-        f'  runuser -l {user} -s /bin/sh -c "$(orch_boot)" < /dev/null\n'
-        "else\n"
-        '  sh -c "$(orch_boot)" < /dev/null\n'
-        "fi\n"
+        'sh -c "$(orch_boot)" < /dev/null\n'
     )
     size = len(text.encode())
     if size > USER_DATA_LIMIT:
         raise ConfigError(f"the instance's boot script is {size} bytes; EC2's user-data limit is {USER_DATA_LIMIT}")
     return text
+
+
+def backstop_command(deadline: float) -> str:
+    """Move the backstop on a running instance (`orch extend --max-lifetime`): cancel, schedule anew."""
+    return f"sudo -n sh -c {shlex.quote('shutdown -c 2>/dev/null; ' + backstop_lines(deadline))}"
 
 
 def self_stop_command(home: str) -> str:
@@ -105,4 +106,4 @@ def reason_from_console(output: str) -> str | None:
     return None
 
 
-__all__ = ["BOOT_MARK", "CONSOLE_ENV", "CONSOLE_MARK", "backstop_lines", "reason_from_console", "self_stop_command", "user_data"]
+__all__ = ["BOOT_MARK", "CONSOLE_ENV", "CONSOLE_MARK", "backstop_command", "backstop_lines", "reason_from_console", "self_stop_command", "user_data"]

@@ -163,7 +163,7 @@ class AwsProvider:
 
     def create(self, spec: InstanceSpec) -> Instance:
         # `deadline` (epoch seconds: created_at + max_lifetime) arms EC2's own backstop once the lifecycle passes it.
-        return self._create(spec, deadline=getattr(spec, "deadline", None))
+        return self._create(spec, deadline=spec.deadline)
 
     def _create(self, spec: InstanceSpec, deadline: float | None = None) -> Instance:
         offer = spec.offer
@@ -445,7 +445,13 @@ class AwsProvider:
     # -- on the instance -----------------------------------------------------------------
 
     def runtime(self, name: str) -> RemoteRuntime:
-        return RemoteRuntime(python=self.settings.python, code_on_path=False, home="~/.orch")
+        # cloud-init runs the boot recipe as root: it arms the agent as the login user and adds a systemd timer
+        return RemoteRuntime(python=self.settings.python, code_on_path=False, home="~/.orch", run_as=self.settings.ssh_user,
+                             rearm="systemd")
+
+    def backstop_command(self, deadline: float) -> str:
+        """BootBackstop: move EC2's own max_lifetime backstop (`orch extend --max-lifetime`)."""
+        return boot.backstop_command(deadline)
 
     def self_stop_command(self, name: str) -> str:
         return boot.self_stop_command(self.runtime(name).home)
