@@ -228,6 +228,7 @@ class RunPodSimulator:
         self.log: list[tuple[float, str, str, int]] = []  # (time, method, path, status): never headers or bodies
         self.rate_limited = 0
         self.power_offs: list[tuple[float, str]] = []
+        self.console: dict[str, list[str]] = {}  # hosts=False: a pod's container log lines, as a test writes them
         self.faults: list[Fault] = []
         self._window_start = time.monotonic()
         self._window_used = 0
@@ -823,7 +824,7 @@ class RunPodSimulator:
 
     def _logs(self, pod: SimPod, tail: int) -> str:
         """The container log (its start command's output) as RunPod's SSE stream: the backfill, then the end."""
-        lines: list[str] = []
+        lines: list[str] = list(self.console.get(pod.id, []))
         if self.pool is not None:
             try:
                 lines = (self.pool.dir(pod.id) / "logs" / "boot.log").read_text(errors="replace").splitlines()

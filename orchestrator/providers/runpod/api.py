@@ -15,7 +15,6 @@ ever in the Authorization header.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from typing import Any, Callable
@@ -249,10 +248,6 @@ class RunPodApi:
         except httpx.TransportError as e:
             raise ProviderError(f"{PROVIDER}: GET {path}: no answer ({type(e).__name__})") from None
         return lines
-
-
-def whole_seconds(value: float) -> int:
-    return max(1, math.ceil(value))
 
 
 __all__ = ["API_KEY_ENV", "RunPodApi", "classify", "exhausted_for", "problem", "ratelimit_windows"]

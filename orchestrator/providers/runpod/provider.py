@@ -51,7 +51,6 @@ from ..base import (
     InstanceSpec,
     InstanceStatus,
     InvalidState,
-    NotFound,
     Offer,
     ProviderError,
     RemoteRuntime,
