@@ -656,8 +656,9 @@ class RunPodSimulator:
             self.pods[pod.id] = pod
             self.api_keys[pod.pod_key] = f"pod:{pod.id}"
         if self.pool is not None:
-            if pod.volume is not None:
-                pod.volume.mkdir(parents=True, exist_ok=True)
+            with self._lock:  # against a terminated pod's clean-up of the same path
+                if pod.volume is not None:
+                    pod.volume.mkdir(parents=True, exist_ok=True)
             self.pool.create(pod.id, authorized_keys=[], boot_script=self._container_script(pod), price_per_hour=price)
             self._write_image_programs(pod)
         self._background(self._run_container, pod, pod.gen, self.pull_delay, self.provision_delay)
@@ -808,8 +809,9 @@ class RunPodSimulator:
             shutil.move(str(self.pool.dir(pod.id)), str(self.root / "terminated" / pod.id))
         else:
             self.pool.destroy(pod.id)
-        if pod.volume is not None:
-            shutil.rmtree(pod.volume, ignore_errors=True)  # the persistent mount goes with the pod
+        with self._lock:  # the persistent mount goes with the pod (unless a newer pod of this test mounts the same path)
+            if pod.volume is not None and not any(p.volume == pod.volume for p in self.live()):
+                shutil.rmtree(pod.volume, ignore_errors=True)
 
     def _release(self, pod: SimPod) -> None:
         if pod.holds_gpu:

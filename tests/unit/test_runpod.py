@@ -477,7 +477,7 @@ def test_the_keys_never_reach_logs_errors_commands_or_the_pod(sim, caplog):
     written = [repr(provider.settings), command, json.dumps(pod.env), pod.args, *errors, caplog.text, *answers]
     assert not [w for w in written if LAPTOP_KEY in w or "wrong-key-123" in w], "the account key stays on the laptop"
     assert not [w for w in answers if pod_key in w], "RunPod's answers never show the pod's own key"
-    assert "stop.env" in command and "python3 -c" in command and "RUNPOD_API_KEY" in command
+    assert "stop.env" in command and "runpod-stop.py" in command
     provider.terminate(created.instance_id)
 
 

@@ -85,6 +85,9 @@ H=${HOME:-/root}; A="$H/.orch/agent"
 mkdir -p "$A" "$H/.ssh" && chmod 700 "$H/.ssh"
 echo "orch: container started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo $$ > "$A/console.pid"
+cat > "$A/runpod-stop.py" <<'ORCH_STOP_PY'
+@STOP_PROGRAM@
+ORCH_STOP_PY
 (umask 077; : > "$A/stop.env.tmp"
  for v in RUNPOD_POD_ID RUNPOD_API_KEY ORCH_RUNPOD_API; do
   eval "x=\${$v:-}"
@@ -129,11 +132,12 @@ echo "orch: start command done; the container stays up"
 while :; do sleep 3600 & wait $!; done
 """
 
-# What the agent runs (python3 -c, standard library only): say why in the container log, then stop
-# this pod through RunPod's API with the pod-scoped key from stop.env. Repeating a stop is
-# harmless (409 once it is stopped), so 429 (after Retry-After), 5xx and no answer are retried.
-_STOP = r'''
-import json, os, sys, time, urllib.error, urllib.request
+# What the agent's stop command runs (~/.orch/agent/runpod-stop.py, written by the start command:
+# the boot script, which carries the stop command, must fit 16 KB; standard library only): say why
+# in the container log, then stop this pod through RunPod's API with the pod-scoped key from
+# stop.env. Repeating a stop is harmless (409 once stopped): 429 (after Retry-After), 5xx and no
+# answer are retried.
+STOP_PROGRAM = r'''import json, os, sys, time, urllib.error, urllib.request
 url, key, pod = (os.environ.get(k, "") for k in ("ORCH_RUNPOD_API", "RUNPOD_API_KEY", "RUNPOD_POD_ID"))
 agent = os.path.join(os.path.expanduser("~"), ".orch", "agent")
 try:
@@ -173,8 +177,8 @@ for attempt in range(8):
     except OSError:
         wait = 2.0 ** attempt
     time.sleep(min(wait, 30.0))
-sys.exit("runpod: the stop did not go through; the agent tries again")
-'''
+sys.exit("runpod: the stop did not go through; the agent tries again")'''
+START_COMMAND = START_COMMAND.replace("@STOP_PROGRAM@", STOP_PROGRAM)
 
 
 @dataclass(frozen=True)
@@ -471,8 +475,10 @@ class RunPodProvider:
 
     def self_stop_command(self, name: str) -> str:
         """Stop this pod through the API with the pod-scoped key in stop.env (none there: says so, exits 1)."""
-        env = sh_path(f"{REMOTE_HOME}/agent/stop.env")
-        return f"if [ -f {env} ]; then . {env}; fi; exec python3 -c {shlex.quote(_STOP)}"
+        env, program = sh_path(f"{REMOTE_HOME}/agent/stop.env"), sh_path(f"{REMOTE_HOME}/agent/runpod-stop.py")
+        return (f"if [ -f {env} ]; then . {env}; fi; if [ -f {program} ]; then exec python3 {program}; fi; "
+                f"echo 'runpod: no stop program on this pod (its start command writes it), so it cannot stop itself; the "
+                f"laptop stops it: orch status, orch gc or orch down' >&2; exit 1")
 
     # -- ReportsStopReason -------------------------------------------------------------
 
