@@ -167,6 +167,9 @@ def test_up_gen_self_stop_through_the_api_up_again_and_down(orch, rp, sim, tmp_p
     assert (volume / "orch-models" / "kept.txt").read_text() == "on the volume"
     assert not (disk / "container-disk.txt").exists()
     assert stat.S_IMODE(stop_env.stat().st_mode) == 0o600 and pod.pod_key in stop_env.read_text()
+    # What the restarted pod's agent enforces (its start command re-armed it with the create-time configuration; see
+    # the report: an `arm` of a running agent keeps that configuration).
+    restarted_idle = _read_json(disk / ".orch" / "agent" / "config.json").get("idle")
     gen = orch("gen", "a boat", "--name", "rp", "--steps", "2", "--width", "64", "--height", "64", "-o", str(tmp_path / "out2"),
                "--json").json
     assert Path(gen["images"][0]).exists()
@@ -180,7 +183,8 @@ def test_up_gen_self_stop_through_the_api_up_again_and_down(orch, rp, sim, tmp_p
     assert _files_holding(home, (LAPTOP_KEY, pod.pod_key)) == [], "no key in orch's state, logs or config"
     with capsys.disabled():
         print(f"\nrunpod simulator: orch up {up_seconds:.1f}s, phases {result['phases']}; up again {again_seconds:.1f}s, "
-              f"phases {again.json['phases']}; self-stop leak {leak}; 429s {sim.rate_limited}")
+              f"phases {again.json['phases']}; self-stop leak {leak}; 429s {sim.rate_limited}; "
+              f"the restarted agent's idle: {restarted_idle}s")
     assert leak["deadline_to_stop_request_s"] < 10
 
 
@@ -245,7 +249,7 @@ def _run_start_command(env: dict[str, str], log: Path) -> None:
     argv = shlex.split(start_args())
     done = log.read_text().count("the container stays up") if log.exists() else 0
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
     try:
         _wait(lambda: log.read_text().count("the container stays up") > done, 30, "the start command is done")
         assert proc.poll() is None, "the container's main process stays up"
@@ -294,6 +298,30 @@ def test_the_start_command_in_a_real_shell(tmp_path):
     assert (tmp_path / "etc-ssh" / "ssh_host_ed25519_key").read_text() == host_key, "orch's pinned host key still matches"
     _run_start_command(env, log)
     assert (home / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAAtest orch\n", "the key once, however often"
+
+
+def test_the_container_re_arms_a_dead_agent_without_systemd_or_cron(tmp_path):
+    """The start command's main loop is the agent's re-arm where there is no systemd (here: every second)."""
+    home = tmp_path / "root"
+    app = home / ".orch" / "app" / "remote"
+    app.mkdir(parents=True)
+    (app / "__init__.py").write_text("")
+    calls = tmp_path / "arm-calls"
+    (app / "agent.py").write_text(f"import sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    (home / ".orch" / "agent").mkdir(parents=True)
+    (home / ".orch" / "agent" / "config.json").write_text("{}")  # the boot recipe armed it once
+    env = {**_start_command_env(tmp_path, home), "ORCH_REARM_S": "0.3"}
+    from orchestrator.providers.runpod.provider import start_args
+
+    with open(tmp_path / "container.log", "ab") as out:
+        proc = subprocess.Popen(shlex.split(start_args()), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=tmp_path)  # not this checkout: `python3 -m remote.agent` must find the pod's copy
+    try:
+        _wait(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 2, 30, "re-armed twice")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(10)
+    assert calls.read_text().splitlines()[0] == f"--home {home}/.orch arm --config-b64 e30="
 
 
 def test_the_stop_command_without_a_pod_key_says_the_laptop_stops_it(tmp_path):

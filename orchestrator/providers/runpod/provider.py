@@ -78,8 +78,11 @@ _VARIANTS = {"pcie", "sxm", "sxm4", "sxm5", "nvl", "hbm3", "ada", "oam"}
 # The pod's start command (its container's main process; RunPod runs it at every start, and a
 # stop wipes the container disk, so it redoes everything each time). POSIX sh; nothing secret on a
 # command line (printf and eval are shell builtins). Steps: what the self-stop needs into
-# stop.env; orch's key into authorized_keys; sshd (host keys kept on the volume, so a restarted
-# pod shows the host key orch pinned); the boot recipe; then stay up until RunPod stops it.
+# stop.env, and the stop program; orch's key into authorized_keys; sshd (host keys kept on the
+# volume, so a restarted pod shows the host key orch pinned); the boot recipe; then stay up until
+# RunPod stops it, re-arming the agent every minute should both its processes have died (a
+# container has no systemd and seldom a running cron: its main process is the supervisor's
+# supervisor; `arm` with an empty config keeps the stored one and its clocks).
 START_COMMAND = r"""trap 'exit 0' TERM INT
 H=${HOME:-/root}; A="$H/.orch/agent"
 mkdir -p "$A" "$H/.ssh" && chmod 700 "$H/.ssh"
@@ -129,7 +132,13 @@ if [ -n "${ORCH_BOOT:-}" ]; then
  B=
 fi
 echo "orch: start command done; the container stays up"
-while :; do sleep 3600 & wait $!; done
+R=${ORCH_REARM_S:-60}
+while :; do
+ sleep "$R" & wait $!
+ if [ -f "$H/.orch/agent/config.json" ] && [ -f "$H/.orch/app/remote/agent.py" ]; then
+  PYTHONPATH="$H/.orch/app" python3 -m remote.agent --home "$H/.orch" arm --config-b64 e30= >/dev/null 2>&1
+ fi
+done
 """
 
 # What the agent's stop command runs (~/.orch/agent/runpod-stop.py, written by the start command:
