@@ -6,18 +6,20 @@ have stock now; a pod is a container with SSH on a direct public TCP port.
 - Create: `POST /pods` with orch's public key as `PUBLIC_KEY`, `22/tcp` published (RunPod's
   ssh.runpod.io proxy cannot forward ports, so orch uses `ssh.direct`), a volume at
   `volume_path` (kept across a stop; the container disk, ~ included, is wiped), orch's tags as
-  `ORCH_TAGS` in the environment (a pod has no tags), and a start command (start_command
-  below) that persists what the self-stop needs, installs the key, starts sshd, runs the boot
-  recipe (images/bootstrap.sh, carried gzip+base64 in `ORCH_BOOT`) and keeps the container up.
+  `ORCH_TAGS` in the environment (a pod has no tags), and a start command (START_COMMAND
+  below, RunPod's `args`) that persists what the self-stop needs, installs the key, starts
+  sshd, runs the boot recipe (images/bootstrap.sh, carried gzip+base64 in `ORCH_BOOT`) and keeps
+  the container up, re-arming the agent should it die (no systemd in a container).
 - Status from the runtime, not only the status word: a pod is RUNNING only when it says RUNNING
   *and* has a runtime with a public port for 22/tcp. A pod pulling a 20 GB image (PROVISIONING,
   STARTING, or RUNNING with no runtime yet) is PENDING, so the lifecycle's time-boxed wait ends an
   attempt that never comes up. The ports and ssh block of an EXITED pod are stale and ignored.
 - Self-stop: RunPod injects a pod-scoped key (`RUNPOD_API_KEY`, `RUNPOD_POD_ID`) into the pod.
   The start command copies them to ~/.orch/agent/stop.env (mode 600; an SSH session, which may
-  re-arm the agent, does not carry the container's environment); the agent's stop command posts
-  `{"action": "stop"}` for this pod with it, and first writes why into the container log, where
-  `stop_reason` reads it from outside once the pod is stopped. The laptop's account key never
+  re-arm the agent, does not carry the container's environment) and writes the stop program
+  (runpod-stop.py: the boot script carrying the agent's stop command must stay under 16 KB); it
+  posts `{"action": "stop"}` for this pod with that key, and first writes why into the container
+  log, where `stop_reason` reads it from outside once the pod is stopped (its disk is wiped). The laptop's account key never
   reaches the pod. Without a pod key the stop command says so and the laptop's reconcile stops it.
 - No native snapshot (RunPod has none): no NativeImages; Capabilities say why.
 """
