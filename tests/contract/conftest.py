@@ -86,7 +86,26 @@ def _aws(tmp_path: Path, request) -> Case:
     return Case(provider, offer, replace(offer, offer_id="g5.48xlarge"), key, public_key_line(key))
 
 
-PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws}
+def _runpod(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.runpod import RunPodProvider, Settings
+    from tests.simulators.runpod_api import LAPTOP_KEY, shared_simulator
+
+    sim = shared_simulator()  # one per test process, its pods real local containers; every request checked against the spec
+
+    def clean() -> None:  # after the case's own teardown has terminated what the test left
+        sim.wait_all_terminated()
+        sim.assert_clean()
+
+    request.addfinalizer(clean)
+    # The pod's volume is a directory of this test (the simulator's containers share this machine's filesystem).
+    provider = RunPodProvider(Settings(api_url=sim.url, volume_path=str(tmp_path / "workspace")), tmp_path / "home",
+                              api_key=LAPTOP_KEY, environ={})
+    key = ensure_user_key(tmp_path / "home")
+    offer = provider.offers(gpu="RTX 4090")[0]
+    return Case(provider, offer, replace(offer, region="AP-JP-1"), key, public_key_line(key))  # listed, no stock there
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws, "runpod": _runpod}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))
