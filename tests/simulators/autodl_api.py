@@ -11,7 +11,8 @@ Tests assert `violations` is empty at teardown. What it models:
 - the account: the token (without "Bearer"), real-name verification (`real_name=False`: create
   answers `TORealName`, reads still work), a wallet the instances' billing draws from;
 - stock per (gpu_spec_uuid, data center): create takes a GPU (none free: InternalError
-  "当前算力规格暂无库存"), power-off gives it back, power-on takes it again; only westDC3 and
+  "当前算力规格暂无库存"), power-off gives it back, power-on takes it again; `pro_sold_out`: create
+  finds none where the stock endpoint still lists idle GPUs (seen live); only westDC3 and
   beijingDC2 accept Pro creates (others: RequestParameterIsWrong);
 - instances are real hosts (hosts.py): create makes one with a random root password and no key
   (orch must install its own with the password), `creating` → `starting` → `running` once its
@@ -219,6 +220,9 @@ class AutoDLSimulator:
         self.lose_power_off_while_starting = True
         self.assets_milli = int(assets_cny * 1000)
         self.stock: dict[tuple[str, str], int] = {(s, dc): 4 for s in SPECS for dc in DATA_CENTERS}
+        # Pro create finds no GPU here although the stock endpoint lists idle ones (measured live, 2026-08-23:
+        # the stock endpoint counts elastic-deployment machines).
+        self.pro_sold_out: set[tuple[str, str]] = set()
         self.instances: dict[str, SimInstance] = {}
         self.images: dict[str, dict[str, Any]] = {}
         self.violations: list[str] = []
@@ -473,7 +477,8 @@ class AutoDLSimulator:
         with self._lock:
             if self._balance()["assets"] <= 0:
                 raise Answer("InternalError", "余额不足，请充值后再试")
-            dc = next((dc for dc in centers if self.stock.get((spec, dc), 0) >= body["req_gpu_amount"]), None)
+            dc = next((dc for dc in centers if self.stock.get((spec, dc), 0) >= body["req_gpu_amount"]
+                       and (spec, dc) not in self.pro_sold_out), None)
             if dc is None:
                 raise Answer("InternalError", NO_STOCK)
             self.stock[(spec, dc)] -= body["req_gpu_amount"]
