@@ -123,6 +123,21 @@ def ssh_endpoint(snapshot: Mapping[str, Any]) -> SshEndpoint | None:
     return SshEndpoint(host=m.group(3), port=int(m.group(1)), user=m.group(2)) if m else None
 
 
+class Secret:
+    """A value kept in memory for the calls that need it, shown nowhere (repr, logs of vars())."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
 class AutoDLProvider:
     """Implements Provider, NativeImages and ReportsStopReason (and `release_at`, for the 15-day warning)."""
 
@@ -134,7 +149,7 @@ class AutoDLProvider:
         env = os.environ if environ is None else environ
         self.settings = settings
         self.home = home
-        self._token = env.get(TOKEN_ENV, "") if token is None else token
+        self._token = Secret(env.get(TOKEN_ENV, "") if token is None else token)
         self._transport = transport
         self._sleep = sleep
         self._install_key = key_installer
@@ -164,7 +179,7 @@ class AutoDLProvider:
             if not self._token:
                 raise AuthError(f"autodl: set {TOKEN_ENV} to your AutoDL developer token (AutoDL console → 设置 → 开发者Token); "
                                 f"orch reads it from the environment and never stores it")
-            self._api = AutoDLApi(self.settings.api_url, self._token, transport=self._transport,
+            self._api = AutoDLApi(self.settings.api_url, self._token.value, transport=self._transport,
                                   request_interval=self.settings.request_interval, sleep=self._sleep)
         return self._api
 
