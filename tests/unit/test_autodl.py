@@ -196,6 +196,25 @@ def test_a_failed_instance_is_returned_for_the_lifecycle_to_end(sim, monkeypatch
     assert created.status == InstanceStatus.ERROR and created.raw_status == "failed"
 
 
+def test_an_instance_that_runs_only_after_creates_wait_gets_the_key_at_the_first_get(sim, monkeypatch):
+    keys = Keys()
+    provider = make(sim, keys=keys, boot_timeout=0.05)
+    real = sim._create
+
+    def slow(body):
+        uuid = real(body)
+        sim._set(sim.instances[uuid], "starting")
+        return uuid
+
+    monkeypatch.setattr(sim, "_create", slow)
+    created = provider.create(spec(provider))
+    assert created.status == InstanceStatus.PENDING and keys.calls == []
+    sim._set(sim.instances[created.instance_id], "running")
+    assert provider.get(created.instance_id).ssh is not None and len(keys.calls) == 1
+    provider.get(created.instance_id)
+    assert len(keys.calls) == 1, "once"
+
+
 def test_a_list_that_cannot_be_read_is_bad_response_never_empty(sim):
     provider = make(sim)
     provider.create(spec(provider))

@@ -156,6 +156,7 @@ class AutoDLProvider:
         self._api: AutoDLApi | None = None
         self.table = gpus.specs(settings.gpu_specs)
         self._meta: dict[str, dict[str, Any]] = {}  # uuid -> tags, gpu, region, price (what the list and snapshot said)
+        self._pending_keys: dict[str, str] = {}  # uuid -> orch's public key, for what this process created until it is on
         self.capabilities = Capabilities(
             prices_before_create=False,
             regions=tuple(gpus.PRO_REGIONS),
@@ -294,27 +295,32 @@ class AutoDLProvider:
         uuid = self.api.create(body)  # InsufficientCapacity: nothing was created; anything else: the caller looks by name
         self._meta[uuid] = {"tags": tags_of(body["instance_name"]), "gpu": gpu.name,
                             "region": body.get("data_center_list", [""])[0], "created_at": time.time()}
-        return self._until_running_with_key(uuid, spec.ssh_public_key)
-
-    def _until_running_with_key(self, uuid: str, public_key: str) -> Instance:
-        """Wait for AutoDL to report it running, then put orch's key on it with the root password (used once)."""
+        self._pending_keys[uuid] = spec.ssh_public_key
         deadline = time.monotonic() + self.settings.boot_timeout
         while True:
             status = self.api.status(uuid)
             if status == "running":
-                break
+                return self._running(uuid, deadline - time.monotonic())
             if STATUSES.get(status) in (InstanceStatus.ERROR, InstanceStatus.STOPPED) or status in ("releasing", "released") \
                     or time.monotonic() > deadline:
-                return self._instance(uuid, status)  # the lifecycle's time box ends it and tries the next offer
+                # The lifecycle's time box ends it and tries the next offer; should it run after all, `get` puts the key on.
+                return self._instance(uuid, status)
             self._sleep(self.settings.poll_interval)
+
+    def _running(self, uuid: str, time_left: float = 120.0) -> Instance:
+        """A running instance with its SSH endpoint; orch's key put on first where this process created it
+        (with the root password, used once: never kept, logged or put on a command line)."""
         endpoint, snap = self._snapshot(uuid)
-        password = snap.get("root_password")
-        if endpoint is None or not isinstance(password, str) or not password:
-            raise BadResponse(f"autodl: instance {uuid} runs but its snapshot has no SSH host, port or root password")
-        try:
-            self._install_key(endpoint, password, public_key, max(30.0, deadline - time.monotonic()))
-        finally:
-            del password, snap  # used once: never kept
+        public_key = self._pending_keys.get(uuid)
+        if public_key:
+            password = snap.get("root_password")
+            if endpoint is None or not isinstance(password, str) or not password:
+                raise BadResponse(f"autodl: instance {uuid} runs but its snapshot has no SSH host, port or root password")
+            try:
+                self._install_key(endpoint, password, public_key, max(30.0, time_left))
+            finally:
+                del password, snap
+            del self._pending_keys[uuid]
         return self._instance(uuid, "running", endpoint)
 
     def get(self, instance_id: str) -> Instance:
@@ -323,8 +329,7 @@ class AutoDLProvider:
             row = self._list_row(instance_id)
             if row is not None:
                 self._row(row)
-        ssh = self._snapshot(instance_id)[0] if status == "running" else None
-        return self._instance(instance_id, status, ssh)
+        return self._running(instance_id) if status == "running" else self._instance(instance_id, status)
 
     def list(self) -> list[Instance]:
         return [i for i in (self._row(raw) for raw in self.api.instances()) if i.tags.get(ORCH_TAG)]
