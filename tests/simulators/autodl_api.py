@@ -319,10 +319,6 @@ class AutoDLSimulator:
         with self._lock:
             return [i for i in self.instances.values() if i.status not in ("released",)]
 
-    def billing(self) -> list[SimInstance]:
-        with self._lock:
-            return [i for i in self.instances.values() if i.billing_since is not None]
-
     def wait_settled(self, timeout: float = 60) -> None:
         """Until no background transition runs."""
         deadline = time.monotonic() + timeout

@@ -42,6 +42,7 @@ from ..base import (
     Instance,
     InstanceSpec,
     InstanceStatus,
+    InsufficientCapacity,
     InvalidState,
     NotFound,
     Offer,
@@ -348,7 +349,11 @@ class AutoDLProvider:
             self._sleep(self.settings.poll_interval)
             status = self.api.status(instance_id)
         if status == "shutdown":
-            self.api.power_on(instance_id)  # starts billing; InsufficientCapacity when its host's GPUs are taken
+            try:
+                self.api.power_on(instance_id)  # starts billing
+            except InsufficientCapacity as e:
+                raise InsufficientCapacity(f"{e}: the GPUs of the host that keeps {instance_id}'s disks are taken; try again "
+                                           f"later, or save an image of it and `orch up` a new instance from that") from None
             status = "starting"
         return self._instance(instance_id, status)
 
