@@ -36,7 +36,7 @@ ENTRIES = (
     ProviderEntry("runpod", "RunPod", "orchestrator.providers.runpod"),
     ProviderEntry("vast", "Vast.ai", None),
     ProviderEntry("lambda", "Lambda Cloud", "orchestrator.providers.lambda_cloud"),
-    ProviderEntry("autodl", "AutoDL", None),
+    ProviderEntry("autodl", "AutoDL", "orchestrator.providers.autodl"),
 )
 REGISTRY: dict[str, ProviderEntry] = {e.name: e for e in ENTRIES}  # tests add their fakes here
 PROVIDER_NAMES: tuple[str, ...] = tuple(REGISTRY)

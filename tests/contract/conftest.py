@@ -105,7 +105,26 @@ def _runpod(tmp_path: Path, request) -> Case:
     return Case(provider, offer, replace(offer, region="AP-JP-1"), key, public_key_line(key))  # listed, no stock there
 
 
-PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws, "runpod": _runpod}
+def _autodl(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.autodl import AutoDLProvider, Settings
+    from tests.simulators.autodl_api import TOKEN, shared_simulator
+
+    sim = shared_simulator()  # one per test process, its instances real local hosts; every request checked against its schema
+
+    def clean() -> None:  # after the case's own teardown has released what the test left
+        sim.release_everything()
+        sim.assert_clean()
+
+    request.addfinalizer(clean)
+    settings = Settings(api_url=sim.url, data_disk=str(tmp_path / "autodl-tmp"), poll_interval=0.2, request_interval=0.0)
+    provider = AutoDLProvider(settings, tmp_path / "home", token=TOKEN, environ={})
+    key = ensure_user_key(tmp_path / "home")
+    offer = provider.offers(gpu="RTX 4090D", region="westDC3")[0]
+    sim.set_stock("4090D", "beijingDC2", 0)
+    return Case(provider, offer, replace(offer, region="beijingDC2"), key, public_key_line(key))
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws, "runpod": _runpod, "autodl": _autodl}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))
