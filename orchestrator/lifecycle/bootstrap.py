@@ -131,7 +131,12 @@ def upload_code(ctx: Ctx, remote: Remote) -> None:
     if found == version:
         return
     ctx.progress(f"{remote.name}: uploading orch's instance code")
-    script = f"rm -rf {sh_path(app)} && mkdir -p {sh_path(app)} && tar -xzf - -C {sh_path(app)} && echo {version} > {sh_path(app)}/.version"
+    # Unpacked beside the old code, then swapped in: the agent the boot recipe started runs from app/
+    # (and writes its bytecode there), so removing app/ in place races with it.
+    new, old = sh_path(f"{app}.new"), sh_path(f"{app}.old")
+    script = (f"rm -rf {new} && {{ rm -rf {old} 2>/dev/null; true; }} && mkdir -p {new} && tar -xzf - -C {new} && echo {version} > {new}/.version && "
+              f"{{ [ ! -e {sh_path(app)} ] || mv {sh_path(app)} {old}; }} && mv {new} {sh_path(app)} && "
+              f"{{ rm -rf {old} 2>/dev/null; true; }}")  # a process still writing bytecode there: the next upload removes it
     remote.run(f"sh -c {shlex.quote(script)}", stdin=bundle)
 
 

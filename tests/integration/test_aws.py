@@ -125,8 +125,8 @@ def test_up_fails_over_gen_idle_stop_status_restart_down(sim, aws_home, orch, tm
     again = orch("up", "box", "--detach", "--json", timeout=600).json
     print(f"orch up (restart) phases (s): {json.dumps(again['phases'])}")
     assert again["instance_id"] == iid and again["status"] == "RUNNING"
-    armed = (sim.host_dir(iid) / "disk" / ".orch" / "agent-arm.log").read_text()
-    assert '"armed": true' in armed, "the user-data armed the agent at this boot, before the laptop's SSH session"
+    armed = (sim.host_dir(iid) / "disk" / ".orch" / "logs" / "boot-recipe.log").read_text()
+    assert armed.count("agent armed") == 2, "the user-data armed the agent at each boot, before the laptop's SSH session"
     down = orch("down", "box", "--terminate", "--json").json
     assert down["status"] == "TERMINATED"
     assert sim.state(iid) == "terminated" and not sim.host_dir(iid).exists()
