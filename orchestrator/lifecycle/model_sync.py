@@ -46,7 +46,8 @@ def sync_models(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
     home = remote.runtime.home
     for url in urls:
         loc = parse_location(url)
-        name = loc.prefix.rsplit("/", 1)[-1] or loc.bucket
+        # The folder name it goes in: the prefix's last part; a store whose root is the model itself: its folder's name.
+        name = loc.prefix.rsplit("/", 1)[-1] or (loc.root.name if loc.root is not None else loc.bucket)
         ctx.progress(f"{record.name}: the instance pulls {url}")
         command = remote.python_cmd("orchestrator.storage", "pull", url, f"{home}/models/{name}", "--cache",
                                     f"{home}/transfers.db", "--creds-stdin")

@@ -58,6 +58,10 @@ def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpO
         ImageStore(images_url(settings)).check_usable(opts.from_image)
     if opts.deadlines.budget is not None:
         inputs.budget(opts.deadlines.budget, what="--budget")
+        for provider in providers:
+            if provider.capabilities.currency != "USD":
+                raise ConfigError(f"--budget: budgets are in USD and {provider.name} prices in {provider.capabilities.currency}; "
+                                  f"orch does not convert between them: leave the budget out there (the other deadlines apply)")
     models = opts.models if opts.models is not None else settings.models
     model_sync.resolve(models, settings.storage)
     return opts

@@ -66,6 +66,7 @@ class Capabilities:
     self_stop: bool = True
     # The provider deletes an instance stopped for this many days (AutoDL: 15); None: never.
     stopped_release_days: int | None = None
+    currency: str = "USD"  # what its prices are in (budgets are in USD: refused for another currency)
     regions: tuple[str, ...] = ()
     gpus: tuple[str, ...] = ()
     reasons: Mapping[str, str] = field(default_factory=dict)  # capability name -> why not, in words

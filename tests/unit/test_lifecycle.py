@@ -182,3 +182,12 @@ def test_status_warns_before_the_provider_releases_a_stopped_instance(orch, fake
     db.execute("UPDATE events SET ts = ts - 13 * 86400 WHERE name = 'box' AND to_state = 'STOPPED'")
     warnings = orch.status("box")[0].warnings
     assert len(warnings) == 1 and "releases instances stopped for 15 days" in warnings[0] and "in 2.0 days" in warnings[0]
+
+
+def test_a_usd_budget_is_refused_where_the_provider_prices_in_another_currency(orch, fake_provider):
+    from orchestrator.config import Deadlines
+
+    fake_provider.capabilities = Capabilities(currency="CNY")
+    with pytest.raises(ConfigError, match="budgets are in USD and fake prices in CNY"):
+        orch.up(UpOptions(name="box", deadlines=Deadlines(budget=5.0)))
+    assert fake_provider.calls == [] and orch.state.get("box") is None

@@ -160,6 +160,8 @@ class AutoDLProvider:
         self._pending_keys: dict[str, str] = {}  # uuid -> orch's public key, for what this process created until it is on
         self.capabilities = Capabilities(
             prices_before_create=False,
+            stopped_release_days=RELEASE_AFTER_S // 86400,
+            currency="CNY",
             regions=tuple(gpus.PRO_REGIONS),
             gpus=tuple(s.name for s in self.table),
             reasons={
