@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from remote.server.app import ServerConfig, create_app
+from remote.server.app import ServerSettings, create_app
 from remote.server.demo_model import ensure_demo_model
 
 TOKEN = "tok-" + "x" * 20
@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     demo = ensure_demo_model(models)
     shutil.copytree(demo, models / "second-model")  # a second model to switch to
     shutil.rmtree(demo)
-    app = create_app(ServerConfig(token=TOKEN, models_dir=models, state_dir=home / ".orch", device="cpu"))
+    app = create_app(ServerSettings(token=TOKEN, models_dir=models, state_dir=home / ".orch", device="cpu"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

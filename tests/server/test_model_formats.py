@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.helpers.model_files import build_tiny_sdxl, write_kohya_lora, write_ldm_vae
 from remote.server import checkpoints, lora
-from remote.server.pipelines import GenerationRequest, ModelManager, RequestError
+from remote.server.models import GenerationRequest, ModelManager, RequestError
 
 pytestmark = pytest.mark.slow
 
@@ -289,11 +289,11 @@ def test_several_models_stay_resident_up_to_the_limit(demo_models):
 def test_api_lora_vae_and_checkpoint_limit(demo_models):
     from fastapi.testclient import TestClient
 
-    from remote.server.app import ServerConfig, create_app
+    from remote.server.app import ServerSettings, create_app
 
     models, _ = demo_models
     home = models.parent
-    app = create_app(ServerConfig(token="t0ken", models_dir=models, state_dir=home / ".orch", device="cpu"))
+    app = create_app(ServerSettings(token="t0ken", models_dir=models, state_dir=home / ".orch", device="cpu"))
     with TestClient(app, raise_server_exceptions=False) as client:
         import time
 
@@ -356,7 +356,7 @@ def test_an_sdxl_vae_that_diffusers_upcasts_stays_in_float32_and_draws_the_same(
     from diffusers import AutoPipelineForImage2Image
 
     from remote.server.demo_model import build_demo_pipeline
-    from remote.server.pipelines import vae_in_float32
+    from remote.server.models import vae_in_float32
 
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,122 @@
+"""One error shape for every failure: {"error": kind, "detail": what to do, ...}.
+
+A1111's API answers {"error", "detail", "body", "errors"}; orch answers the same keys it
+has: `error` (the kind), `detail` (one sentence naming the field and the fix), and for
+validation errors `errors` (one entry per problem).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+STATUS_NAMES = {401: "Unauthorized", 404: "NotFound", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
+
+
+def error_response(status: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": STATUS_NAMES.get(status, "Error"), "detail": detail, **extra})
+
+
+class ApiError(HTTPException):
+    """Raised anywhere below a route: becomes error_response(status, detail, **extra)."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
+        self.extra = extra
+
+
+class NotReady(Exception):
+    """No model to serve yet (503)."""
+
+    def __init__(self, detail: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class OutOfMemory(Exception):
+    """The GPU ran out of memory for this request (503); the server lives on."""
+
+
+def install_handlers(app: FastAPI, on_unexpected=None) -> None:
+    from .encoding import BadImage
+    from .models.types import RequestError
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(422, str(exc))
+
+    @app.exception_handler(BadImage)
+    async def _bad_image(request: Request, exc: BadImage) -> JSONResponse:
+        return error_response(422, str(exc))
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        extra = {"retry_after": exc.retry_after} if exc.retry_after else {}
+        return error_response(503, str(exc), **extra)
+
+    @app.exception_handler(OutOfMemory)
+    async def _out_of_memory(request: Request, exc: OutOfMemory) -> JSONResponse:
+        return error_response(503, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        messages = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            field = ".".join(loc) or "body"
+            msg = err.get("msg", "invalid")
+            if err.get("type") == "json_invalid":
+                msg = f"malformed JSON: {err.get('ctx', {}).get('error', msg)}"
+                field = "body"
+            messages.append(f"{field}: {msg.removeprefix('Value error, ')}")
+        return error_response(422, "; ".join(messages), errors=jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        response = error_response(exc.status_code, str(exc.detail), **getattr(exc, "extra", {}))
+        for k, v in (exc.headers or {}).items():
+            response.headers[k] = v
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed: %s %s", request.method, request.url.path)
+        if on_unexpected is not None:
+            on_unexpected(exc)
+        return error_response(500, f"{type(exc).__name__}: {exc}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return "out of memory" in str(e).lower()
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="The kind: ValidationError, Unauthorized, NotFound, ServiceUnavailable, InternalError")
+    detail: str = Field(description="What went wrong, naming the field, and what to do")
+    errors: list[dict[str, Any]] | None = Field(default=None, description="Validation errors: one per problem")
+    retry_after: int | None = Field(default=None, description="Seconds to wait before retrying (503 while loading)")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong token"},
+    422: {"model": ErrorResponse, "description": "A field is invalid, or names something this instance does not have"},
+    500: {"model": ErrorResponse, "description": "Unexpected server error"},
+    503: {"model": ErrorResponse, "description": "Still loading, or out of GPU memory"},
+}

@@ -1,0 +1,78 @@
+"""Several compatible requests as few pipeline calls as possible, and each answered as soon as it can be.
+
+Seeds fan out per image (seed, seed+1, ...); chunks are at most the engine's max batch and
+padded to a compiled batch size; a request whose images are all decoded is answered
+before the rest of the batch ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import lora, samplers
+from ..infotext import format_infotext
+from .residency import LoadedModel
+from .run import run
+from .types import MAX_SEED, GenerationRequest, GenerationResult
+
+
+def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine=None, kind: str = "txt2img",
+                   extra: dict[str, Any] | None = None,
+                   answer: Callable[[int, GenerationResult], None] | None = None) -> tuple[list[GenerationResult], dict]:
+    """Run the requests (their model, VAE and LoRAs are in place); returns the results and the last call's phases."""
+    head = requests[0]
+    spec, schedule = samplers.resolve(head.sampler_name, head.scheduler)
+    per_request_seeds = []
+    flat: list[tuple[int, str, str, int]] = []
+    for r_index, req in enumerate(requests):
+        first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
+        seeds = [(first + i) % (MAX_SEED + 1) for i in range(req.batch_size * req.n_iter)]
+        per_request_seeds.append(seeds)
+        prompt = lora.parse_prompt(req.prompt)[0]  # the tags were read into req.loras
+        flat.extend((r_index, prompt, req.negative_prompt, s) for s in seeds)
+    max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
+    pad_to = getattr(engine, "pad_to", None) if engine is not None else None
+    started = time.monotonic()
+    phases: dict[str, float] = {}  # filled when the batch ends (a result answered earlier may not show them)
+
+    def result_for(r_index: int, images: list[Any]) -> GenerationResult:
+        req, seeds = requests[r_index], per_request_seeds[r_index]
+        infotexts = [format_infotext(req, s, spec.name, schedule, model.entry, model.vae_path) for s in seeds]
+        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, sampler_name=spec.name,
+                                schedule=schedule, model=model.entry, seconds=time.monotonic() - started,
+                                extra={"batch_images": len(flat), "phases": phases})
+
+    starts = list(itertools.accumulate((len(seeds) for seeds in per_request_seeds), initial=0))  # in `flat`
+    early: dict[int, GenerationResult] = {}
+    ready: dict[int, list[Any]] = {}
+
+    def on_image(position: int, image) -> None:
+        r_index = flat[position][0]
+        got = ready.setdefault(r_index, [None] * len(per_request_seeds[r_index]))
+        got[position - starts[r_index]] = image
+        if all(x is not None for x in got):
+            early[r_index] = result_for(r_index, got)
+            answer(r_index, early[r_index])
+
+    def chunk_delivery(offset: int, n: int) -> Callable[[int, Any], None]:
+        def deliver(j: int, image) -> None:
+            if j < n:  # padded images are not anyone's
+                on_image(offset + j, image)
+        return deliver
+
+    images: list[Any] = []
+    last_phases: dict[str, float] = {}
+    for i in range(0, len(flat), max_batch):
+        chunk = flat[i : i + max_batch]
+        # Padding to a compiled batch size; the padded images are dropped.
+        padding = [(0, "", "", 0)] * (pad_to - len(chunk)) if pad_to and len(chunk) < pad_to and kind == "txt2img" else []
+        out, last_phases = run(model, head, [c[1] for c in chunk + padding], [c[2] for c in chunk + padding],
+                               [c[3] for c in chunk + padding], engine, kind, extra,
+                               on_image=chunk_delivery(i, len(chunk)) if answer else None)
+        images.extend(out[: len(chunk)])
+    phases.update(last_phases)
+    return [early.get(r) or result_for(r, images[starts[r] : starts[r + 1]]) for r in range(len(requests))], last_phases
