@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from .a1111 import routes_control, routes_generate, routes_models
+from .a1111 import routes_control, routes_extras, routes_generate, routes_models
 from .activity import Activity
 from .boot import load_default
 from .engine import Engine
@@ -57,7 +57,7 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
         state.counters.errors_total += 1
 
     install_handlers(app, on_unexpected=count_unexpected)
-    for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router):
+    for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router):
         app.include_router(router)
     app.add_middleware(TimeLeftMiddleware, state_dir=settings.state_dir)
     return app

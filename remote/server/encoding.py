@@ -22,6 +22,37 @@ def encode_png(image, infotext: str) -> bytes:
     return base64.b64encode(png_bytes(image, {"parameters": infotext}))
 
 
+def encode_image(image, infotext: str, fmt: str = "png") -> bytes:
+    """Base64 image in A1111's samples_format: PNG with a `parameters` chunk, or JPEG / WebP with
+    the infotext in EXIF UserComment (as A1111 writes them)."""
+    fmt = fmt.lower()
+    if fmt == "png":
+        return encode_png(image, infotext)
+    if fmt not in ("jpg", "jpeg", "webp"):
+        raise ValueError(f"samples_format: {fmt!r} is not one of png, jpg, webp")
+    exif = image.getexif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + infotext.encode("utf-16-be")  # Exif IFD, UserComment
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else "WEBP", quality=80, exif=exif.tobytes())
+    return base64.b64encode(buf.getvalue())
+
+
+def read_infotext(image) -> str:
+    """The parameters text of an image: PNG chunk, or EXIF UserComment (JPEG, WebP)."""
+    text = image.info.get("parameters")
+    if text:
+        return text
+    try:
+        comment = image.getexif().get_ifd(0x8769).get(0x9286)
+    except Exception:
+        return ""
+    if isinstance(comment, bytes):
+        if comment.startswith(b"UNICODE\0"):
+            return comment[8:].decode("utf-16-be", errors="replace")
+        return comment[8:].decode("utf-8", errors="replace") if comment[:8].startswith(b"ASCII") else ""
+    return comment or ""
+
+
 def images_json(images: list[bytes], **rest: Any) -> bytes:
     """The JSON object {"images": [...], **rest}, images given as base64 bytes.
 

@@ -11,9 +11,9 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class OutOfMemory(Exception):
 
 def install_handlers(app: FastAPI, on_unexpected=None) -> None:
     from .encoding import BadImage
-    from .models.types import RequestError
+    from .models.types import JobCancelled, RequestError
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -77,7 +77,10 @@ def install_handlers(app: FastAPI, on_unexpected=None) -> None:
                 msg = f"malformed JSON: {err.get('ctx', {}).get('error', msg)}"
                 field = "body"
             messages.append(f"{field}: {msg.removeprefix('Value error, ')}")
-        return error_response(422, "; ".join(messages), errors=jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+        # Each error's location, message and kind; not the input (it may be a NaN JSON cannot carry, or a whole image).
+        errors = [{"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+                  for err in exc.errors()]
+        return error_response(422, "; ".join(messages), errors=errors)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -86,12 +89,46 @@ def install_handlers(app: FastAPI, on_unexpected=None) -> None:
             response.headers[k] = v
         return response
 
+    @app.exception_handler(JobCancelled)
+    async def _cancelled(request: Request, exc: JobCancelled) -> JSONResponse:
+        return error_response(503, f"cancelled: {exc}")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed: %s %s", request.method, request.url.path)
-        if on_unexpected is not None:
-            on_unexpected(exc)
-        return error_response(500, f"{type(exc).__name__}: {exc}")
+        return unexpected(request, exc)
+
+    app.state.on_unexpected = on_unexpected
+
+
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed: %s %s", request.method, request.url.path, exc_info=exc)
+    hook = getattr(request.app.state, "on_unexpected", None)
+    if hook is not None:
+        hook(exc)
+    return error_response(500, f"{type(exc).__name__}: {exc}")
+
+
+class ApiRoute(APIRoute):
+    """A route whose unexpected exceptions become a 500 answer right here.
+
+    Starlette turns them into a 500 in its outermost middleware and then re-raises them, and
+    uvicorn closes the connection: the client's next request on that keep-alive connection
+    got no answer. Answered here, the connection lives on. Exceptions that have a handler
+    (HTTP errors, validation, RequestError...) go to it as before."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except Exception as exc:
+                handlers = request.app.exception_handlers
+                if any(cls in handlers for cls in type(exc).__mro__ if cls is not Exception):
+                    raise
+                return unexpected(request, exc)
+
+        return route
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -118,5 +155,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong token"},
     422: {"model": ErrorResponse, "description": "A field is invalid, or names something this instance does not have"},
     500: {"model": ErrorResponse, "description": "Unexpected server error"},
-    503: {"model": ErrorResponse, "description": "Still loading, or out of GPU memory"},
+    503: {"model": ErrorResponse, "description": "Still loading, out of GPU memory, or cancelled (the client went away)"},
 }

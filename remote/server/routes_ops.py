@@ -9,8 +9,9 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from .deps import AUTH, StateDep
+from .errors import ApiRoute
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], route_class=ApiRoute)
 
 
 @router.get("/healthz")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .a1111.options import DEFAULTS
 from .activity import Activity
 from .engine import Engine
 from .errors import NotReady
@@ -84,8 +85,7 @@ class ServerState:
     engine: Engine
     activity: Activity
     readiness: Readiness = field(default_factory=Readiness)
-    options: Options = field(default_factory=lambda: Options({"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
-                                                              "samples_format": "png"}))
+    options: Options = field(default_factory=lambda: Options(DEFAULTS))
     counters: Counters = field(default_factory=Counters)
     # A batch's PNGs are encoded side by side (zlib releases the GIL).
     png_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="png"))

@@ -1,4 +1,4 @@
-"""Progress and control of the running job, memory, and png-info."""
+"""Progress and control of the running job, and memory."""
 
 from __future__ import annotations
 
@@ -8,22 +8,25 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from ..deps import AUTH, StateDep
-from ..encoding import decode_image
-from ..errors import ERROR_RESPONSES
-from ..infotext import parse_infotext
-from .protocol import MemoryResponse, PngInfoRequest, PNGInfoResponse, ProgressResponse
+from ..errors import ERROR_RESPONSES, ApiRoute
+from .protocol import MemoryResponse, ProgressResponse
 
-router = APIRouter(prefix="/sdapi/v1", tags=["progress and control"], dependencies=AUTH, responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/sdapi/v1", tags=["progress and control"], dependencies=AUTH, responses=ERROR_RESPONSES,
+                   route_class=ApiRoute)
 
 
 @router.get("/progress", response_model=ProgressResponse)
-def progress(state: StateDep) -> dict[str, Any]:
-    """The running job's step, and how many jobs are running or waiting."""
+def progress(state: StateDep, skip_current_image: bool = False) -> dict[str, Any]:
+    """The running job's step, how many jobs run or wait, and a live preview (every
+    show_progress_every_n_steps steps while live_previews_enable is on)."""
     engine = state.engine
     data = engine.progress.as_a1111()
-    if not engine.busy and engine.queue_depth == 0:
+    busy = engine.busy or engine.queue_depth > 0
+    if not busy:
         data.update(progress=0.0, eta_relative=0.0)
     data["state"]["job_count"] = engine.queue_depth + (1 if engine.busy else 0)
+    if busy and not skip_current_image:
+        data["current_image"] = engine.preview.png_base64()
     return data
 
 
@@ -36,6 +39,7 @@ def interrupt(state: StateDep) -> JSONResponse:
 
 @router.post("/skip")
 def skip(state: StateDep) -> JSONResponse:
+    """As interrupt (orch runs a request's images as one job)."""
     state.engine.progress.skipped = True
     state.engine.interrupt()
     return JSONResponse(None)
@@ -59,11 +63,3 @@ def memory() -> dict[str, Any]:
     except Exception as e:
         out["cuda"] = {"error": str(e)}
     return out
-
-
-@router.post("/png-info", response_model=PNGInfoResponse)
-def png_info(body: PngInfoRequest) -> dict[str, Any]:
-    """The generation parameters written into an image."""
-    img = decode_image(body.image, "image")
-    text = img.info.get("parameters", "")
-    return {"info": text, "items": {k: v for k, v in img.info.items() if isinstance(v, str)}, "parameters": parse_infotext(text)}

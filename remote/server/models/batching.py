@@ -20,31 +20,64 @@ from .run import run
 from .types import MAX_SEED, GenerationRequest, GenerationResult
 
 
+def image_seeds(req: GenerationRequest) -> tuple[list[int], list[int]]:
+    """Each image's seed and variation seed, as A1111 numbers them: seed, seed+1, ... (with a
+    variation strength, one seed for all and subseed, subseed+1, ...); -1 picks at random."""
+    n = req.batch_size * req.n_iter
+    first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
+    sub = random.randint(0, MAX_SEED) if req.subseed is None or req.subseed < 0 else int(req.subseed)
+    varied = req.subseed_strength > 0
+    seeds = [(first + (0 if varied else i)) % (MAX_SEED + 1) for i in range(n)]
+    return seeds, [(sub + i) % (MAX_SEED + 1) for i in range(n)]
+
+
+def vae_hash(path) -> str:
+    """A1111's VAE hash: sha256 of the file, first 8 hex digits (cached per path, size and time)."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _VAE_HASHES:
+        h = hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(str(path).encode())
+        _VAE_HASHES[key] = h.hexdigest()[:8]
+    return _VAE_HASHES[key]
+
+
+_VAE_HASHES: dict[tuple, str] = {}
+
+
 def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine=None, kind: str = "txt2img",
-                   extra: dict[str, Any] | None = None,
                    answer: Callable[[int, GenerationResult], None] | None = None) -> tuple[list[GenerationResult], dict]:
     """Run the requests (their model, VAE and LoRAs are in place); returns the results and the last call's phases."""
     head = requests[0]
     spec, schedule = samplers.resolve(head.sampler_name, head.scheduler)
-    per_request_seeds = []
-    flat: list[tuple[int, str, str, int]] = []
+    per_request_seeds, per_request_subseeds = [], []
+    flat: list[tuple[int, str, str, int, int, int]] = []  # (request, prompt, negative prompt, seed, subseed, row)
     for r_index, req in enumerate(requests):
-        first = random.randint(0, MAX_SEED) if req.seed is None or req.seed < 0 else int(req.seed)
-        seeds = [(first + i) % (MAX_SEED + 1) for i in range(req.batch_size * req.n_iter)]
+        seeds, subseeds = image_seeds(req)
         per_request_seeds.append(seeds)
+        per_request_subseeds.append(subseeds)
         prompt = lora.parse_prompt(req.prompt)[0]  # the tags were read into req.loras
-        flat.extend((r_index, prompt, req.negative_prompt, s) for s in seeds)
+        flat.extend((r_index, prompt, req.negative_prompt, s, sub, row) for row, (s, sub) in enumerate(zip(seeds, subseeds)))
     max_batch = getattr(engine, "max_batch", 8) if engine is not None else 8
     pad_to = getattr(engine, "pad_to", None) if engine is not None else None
     started = time.monotonic()
     phases: dict[str, float] = {}  # filled when the batch ends (a result answered earlier may not show them)
 
     def result_for(r_index: int, images: list[Any]) -> GenerationResult:
-        req, seeds = requests[r_index], per_request_seeds[r_index]
-        infotexts = [format_infotext(req, s, spec.name, schedule, model.entry, model.vae_path) for s in seeds]
+        req, seeds, subseeds = requests[r_index], per_request_seeds[r_index], per_request_subseeds[r_index]
+        infotexts = [format_infotext(req, s, spec.name, schedule, model.entry, model.vae_path, sub) for s, sub in zip(seeds, subseeds)]
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, sampler_name=spec.name,
                                 schedule=schedule, model=model.entry, seconds=time.monotonic() - started,
-                                extra={"batch_images": len(flat), "phases": phases})
+                                extra={"batch_images": len(flat), "phases": phases}, subseeds=subseeds,
+                                vae_name=model.vae_path.name if model.vae_path else None,
+                                vae_hash=vae_hash(model.vae_path) if model.vae_path else None)
 
     starts = list(itertools.accumulate((len(seeds) for seeds in per_request_seeds), initial=0))  # in `flat`
     early: dict[int, GenerationResult] = {}
@@ -69,9 +102,10 @@ def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine
     for i in range(0, len(flat), max_batch):
         chunk = flat[i : i + max_batch]
         # Padding to a compiled batch size; the padded images are dropped.
-        padding = [(0, "", "", 0)] * (pad_to - len(chunk)) if pad_to and len(chunk) < pad_to and kind == "txt2img" else []
-        out, last_phases = run(model, head, [c[1] for c in chunk + padding], [c[2] for c in chunk + padding],
-                               [c[3] for c in chunk + padding], engine, kind, extra,
+        padding = [(0, "", "", 0, 0, 0)] * (pad_to - len(chunk)) if pad_to and len(chunk) < pad_to and kind == "txt2img" else []
+        rows = chunk + padding
+        out, last_phases = run(model, head, [c[1] for c in rows], [c[2] for c in rows], [c[3] for c in rows], engine, kind,
+                               rows=[c[5] for c in rows], subseeds=[c[4] for c in rows],
                                on_image=chunk_delivery(i, len(chunk)) if answer else None)
         images.extend(out[: len(chunk)])
     phases.update(last_phases)

@@ -146,8 +146,12 @@ class Catalog:
 
     def find(self, name: str) -> ModelEntry:
         wanted = name.split(" [")[0].strip()  # A1111 titles look like "name [hash]"
-        for entry in self.list_models():
+        entries = self.list_models()
+        for entry in entries:
             if wanted in (entry.name, entry.path.name, entry.model_name):
+                return entry
+        for entry in entries:  # A1111 also finds a checkpoint by its short hash
+            if wanted.lower() == entry.short_hash.lower():
                 return entry
         if wanted == DEMO_MODEL_NAME:
             return ModelEntry(name=DEMO_MODEL_NAME, path=ensure_demo_model(self.models_dir), is_demo=True)

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .. import lora
 from .batching import generate_batch
@@ -19,6 +18,7 @@ from .loading import load_pipeline, load_vae, vae_in_float32
 from .optimize import Compiler, optimize
 from .residency import LoadedModel, Residency
 from .run import run
+from ..upscalers import Upscalers
 from .types import GenerationRequest, GenerationResult, RequestError, pick_device
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class ModelManager:
         self.config_cache = models_dir / ".orch-configs"
         self.loras = lora.LoraLibrary(models_dir / "Lora")
         self.residency = Residency(max_resident)
+        self.upscalers = Upscalers(models_dir)
         self.compiler = Compiler(enabled=compile, backend=compile_backend, precompiled_dir=precompiled_dir)
         self.cudnn_benchmark = cudnn_benchmark
         self._device = device
@@ -104,7 +105,7 @@ class ModelManager:
             if device == "cuda":
                 optimize(pipe, self.cudnn_benchmark)
             return LoadedModel(entry=entry, pipeline=pipe, scheduler_config=dict(pipe.scheduler.config), device=device,
-                               load_seconds=0.0, architecture=architecture, builtin_vae=pipe.vae)
+                               load_seconds=0.0, architecture=architecture, builtin_vae=pipe.vae, upscalers=self.upscalers)
 
         return self.residency.load(entry, device, build)
 
@@ -148,8 +149,7 @@ class ModelManager:
     # -- generating (batching.py, run.py) ------------------------------------------------------
 
     def generate_batch(self, requests: list[GenerationRequest], engine=None, model_name: str | None = None,
-                       kind: str = "txt2img", extra: dict[str, Any] | None = None,
-                       answer: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+                       kind: str = "txt2img", answer: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
         """Several compatible requests as few pipeline calls as possible (at most the engine's max_batch images each).
 
         With `answer`, each request's result is also passed to it as soon as its images are
@@ -165,7 +165,7 @@ class ModelManager:
             lora.apply(model.pipeline, model.lora, self.loras, head.loras)
         except lora.LoraError as e:
             raise RequestError(str(e)) from None
-        results, self.last_phases = generate_batch(model, requests, engine, kind, extra, answer)
+        results, self.last_phases = generate_batch(model, requests, engine, kind, answer)
         return results
 
     def generate(self, req: GenerationRequest, model: LoadedModel | None = None) -> GenerationResult:

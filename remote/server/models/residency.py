@@ -36,6 +36,8 @@ class LoadedModel:
     graph_pool: Any = None  # CUDA graph memory pool shared by the model's precompiled graphs
     prompts: PromptCache = field(default_factory=PromptCache)  # text-encoder outputs of recent prompts
     pipelines: dict[str, Any] = field(default_factory=dict)  # kind -> the pipeline object requests reuse
+    upscalers: Any = None  # upscalers.Upscalers, for the hires fix
+    clip_skip: int = 1  # of the call running now (the prompt cache keys on it)
 
     @property
     def inpainting(self) -> bool:

@@ -19,6 +19,22 @@ class RequestError(ValueError):
     """A request this server cannot serve as asked (answered 422, naming the field)."""
 
 
+class JobCancelled(Exception):
+    """Every client of the running batch went away: the work stopped at the next step."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What img2img starts from: the init images (one per image of a batch, repeated), and for
+    inpainting the prepared mask and overlays (inpaint.Prepared)."""
+
+    images: tuple[Any, ...]
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    inpaint: Any = None  # inpaint.Prepared
+    inpainting_fill: int = 1
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One request, as the runner sees it (the HTTP layer has validated and resolved it)."""
@@ -36,6 +52,23 @@ class GenerationRequest:
     scheduler: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # from the prompt's <lora:name:weight> tags
     vae: str | None = None  # "Automatic", "None" or a file under models/VAE
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = -1
+    clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers: 1 = the last layer
+    tiling: bool = False
+    eta: float | None = None  # DDIM's eta
+    hires: Any = None  # hires.HiresPlan when the request asks for the hires fix
+    inputs: ImageInputs | None = None  # img2img and inpainting
+    preview_every: int = 0  # live preview every N steps; 0: none
+    extra_params: tuple[tuple[str, Any], ...] = ()  # further 'Key: value' pairs for the infotext
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        if self.hires is not None:
+            return self.hires.final_width, self.hires.final_height
+        return self.width, self.height
 
 
 @dataclass
@@ -48,6 +81,9 @@ class GenerationResult:
     model: Any  # catalog.ModelEntry
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    subseeds: list[int] = field(default_factory=list)
+    vae_name: str | None = None
+    vae_hash: str | None = None
 
 
 def pick_device() -> tuple[str, Any]:
