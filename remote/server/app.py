@@ -60,7 +60,32 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
     for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router):
         app.include_router(router)
     app.add_middleware(TimeLeftMiddleware, state_dir=settings.state_dir)
+    app.openapi = lambda: openapi(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def openapi(app: FastAPI, settings: ServerSettings) -> dict:
+    """FastAPI's document, with what only the running server knows: its size limit, the sampler names it accepts."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from . import samplers
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes, description=__doc__)
+        names = samplers.accepted_names()
+        for model in ("Txt2ImgRequest", "Img2ImgRequest"):
+            props = schema["components"]["schemas"].get(model, {}).get("properties", {})
+            for key in ("width", "height", "hr_resize_x", "hr_resize_y", "firstphase_width", "firstphase_height",
+                        "seed_resize_from_w", "seed_resize_from_h"):
+                if key in props:
+                    props[key]["maximum"] = settings.max_side
+            for key in ("sampler_name", "sampler_index", "hr_sampler_name"):
+                if key in props:
+                    extra = ["Use same sampler"] if key == "hr_sampler_name" else []
+                    props[key]["anyOf"] = [{"type": "string", "enum": names + extra}, {"type": "null"}]
+                    props[key].pop("type", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class TimeLeftMiddleware:

@@ -266,6 +266,16 @@ def _lookup(name: str) -> SamplerSpec | None:
     return None
 
 
+def accepted_names() -> list[str]:
+    """Every sampler spelling a request may use: names, aliases, and A1111's older "name schedule" form."""
+    names = [spec.name for spec in available_samplers()]
+    for spec in available_samplers():
+        names += list(spec.aliases)
+    for spec in available_samplers():
+        names += [f"{spec.name} {label}" for label in SCHEDULES]
+    return list(dict.fromkeys(names))
+
+
 def find_schedule(name: str | None) -> str | None:
     """The label of a schedule type given by label, id or alias (case-insensitive); None if unknown."""
     key = (name or "Automatic").strip().lower()
@@ -327,14 +337,15 @@ def make_scheduler(base_config: dict[str, Any], spec: SamplerSpec, schedule: str
     key = (json.dumps(base_config, sort_keys=True, default=str), spec.name, schedule, sdxl)
     template = _templates.get(key)
     if template is None:
-        template = _build(base_config, spec, schedule, sdxl)
+        template = build_scheduler(base_config, spec, schedule, sdxl)
         if len(_templates) >= 64:
             _templates.pop(next(iter(_templates)))
         _templates[key] = template
     return copy.deepcopy(template)
 
 
-def _build(base_config: dict[str, Any], spec: SamplerSpec, schedule: str, sdxl: bool):
+def build_scheduler(base_config: dict[str, Any], spec: SamplerSpec, schedule: str, sdxl: bool = False):
+    """A new scheduler of the sampler's class, with the schedule type applied."""
     import diffusers
 
     config = {k: v for k, v in base_config.items() if k not in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")}

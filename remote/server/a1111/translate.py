@@ -164,8 +164,6 @@ def _unsupported(body, kind: str, merged: dict[str, Any], overrides: dict[str, A
     if kind == "txt2img" and body.enable_hr and body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         out.append("hr_checkpoint_name: the second pass uses the same checkpoint on orch")
     if kind == "img2img":
-        if body.image_cfg_scale is not None:
-            out.append("image_cfg_scale: only for instruct-pix2pix models, which orch does not load; not applied")
         if body.initial_noise_multiplier not in (None, 1, 1.0):
             out.append("initial_noise_multiplier: not supported on orch; not applied")
         if body.latent_mask:
