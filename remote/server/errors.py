@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
-STATUS_NAMES = {401: "Unauthorized", 404: "NotFound", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
+STATUS_NAMES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
 def error_response(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -82,8 +83,8 @@ def install_handlers(app: FastAPI, on_unexpected=None) -> None:
                   for err in exc.errors()]
         return error_response(422, "; ".join(messages), errors=errors)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's own (a body it cannot parse: 400) derive from it too
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         response = error_response(exc.status_code, str(exc.detail), **getattr(exc, "extra", {}))
         for k, v in (exc.headers or {}).items():
             response.headers[k] = v
@@ -152,6 +153,7 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be read (not UTF-8 text)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong token"},
     422: {"model": ErrorResponse, "description": "A field is invalid, or names something this instance does not have"},
     500: {"model": ErrorResponse, "description": "Unexpected server error"},

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from .deps import AUTH, StateDep
-from .errors import ApiRoute
+from .errors import ERROR_RESPONSES, ApiRoute
 
 router = APIRouter(tags=["ops"], route_class=ApiRoute)
 
@@ -29,7 +29,8 @@ def healthz(state: StateDep) -> dict[str, Any]:
     return {**status, **extra, "uptime": round(time.time() - status["started_at"], 3)}
 
 
-@router.get("/metrics", dependencies=AUTH, response_class=PlainTextResponse)
+@router.get("/metrics", dependencies=AUTH, response_class=PlainTextResponse,
+            responses={401: ERROR_RESPONSES[401], 500: ERROR_RESPONSES[500]})
 def metrics(state: StateDep) -> PlainTextResponse:
     """Counters and gauges in Prometheus' text format."""
     counters, engine, models = state.counters, state.engine, state.models
