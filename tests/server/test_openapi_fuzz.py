@@ -45,9 +45,12 @@ def base_url(tmp_path_factory):
     thread.join(10)
 
 
-def test_a_schema_fuzzer_finds_no_server_error_and_no_schema_mismatch(base_url):
+def test_a_schema_fuzzer_finds_no_server_error_and_no_schema_mismatch(base_url, tmp_path):
     import hypothesis
+    import hypothesis.configuration
     from schemathesis import checks
+
+    hypothesis.configuration.set_hypothesis_home_dir(str(tmp_path / "hypothesis"))  # nothing left in the work tree
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     wanted = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
