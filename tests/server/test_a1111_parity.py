@@ -415,3 +415,17 @@ def test_the_openapi_document_tells_the_truth(api):
     i2i = spec["components"]["schemas"]["Img2ImgRequest"]["properties"]
     assert (i2i["inpainting_fill"]["minimum"], i2i["inpainting_fill"]["maximum"]) == (0, 3)
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def test_img2img_resize_modes_several_init_images_and_include_init_images(api):
+    a, b = Image.new("RGB", (48, 40), (200, 10, 10)), Image.new("RGB", (40, 48), (10, 10, 200))
+    for mode in range(4):
+        data, info, images = gen(api, "/sdapi/v1/img2img", init_images=[b64_png(a), b64_png(b)], batch_size=2, resize_mode=mode,
+                                 denoising_strength=0.5, steps=2)
+        assert [im.size for im in images] == [(64, 64)] * 2
+        assert ("Resize mode" in info["infotexts"][0]) == (mode > 0)
+        assert "init_images" not in data["parameters"], "A1111 leaves them out unless include_init_images"
+    data, _, _ = gen(api, "/sdapi/v1/img2img", init_images=[b64_png(a)], include_init_images=True)
+    assert data["parameters"]["init_images"] == [b64_png(a)]
+    too_many = gen(api, "/sdapi/v1/img2img", expect=422, init_images=[b64_png(a)] * 3, batch_size=2)
+    assert "init_images" in too_many["detail"]
