@@ -75,7 +75,8 @@ def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine
         infotexts = [format_infotext(req, s, spec.name, schedule, model.entry, model.vae_path, sub) for s, sub in zip(seeds, subseeds)]
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, sampler_name=spec.name,
                                 schedule=schedule, model=model.entry, seconds=time.monotonic() - started,
-                                extra={"batch_images": len(flat), "phases": phases}, subseeds=subseeds,
+                                extra={"batch_images": len(flat), "phases": phases, "inpainting_model": model.inpainting},
+                                subseeds=subseeds,
                                 vae_name=model.vae_path.name if model.vae_path else None,
                                 vae_hash=vae_hash(model.vae_path) if model.vae_path else None)
 
