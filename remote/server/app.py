@@ -79,6 +79,10 @@ def openapi(app: FastAPI, settings: ServerSettings) -> dict:
                         "seed_resize_from_w", "seed_resize_from_h"):
                 if key in props:
                     props[key]["maximum"] = settings.max_side
+            if "script_name" in props:  # orch runs no A1111 scripts: none can be named (a name is A1111's 422)
+                props["script_name"] = {"type": "null", "default": None, "description": props["script_name"].get("description", "")}
+            if "alwayson_scripts" in props:
+                props["alwayson_scripts"]["maxProperties"] = 0
             for key in ("sampler_name", "sampler_index", "hr_sampler_name"):
                 if key in props:
                     extra = ["Use same sampler"] if key == "hr_sampler_name" else []
