@@ -57,8 +57,11 @@ def resolve(root: str, extras: set[str]) -> dict[str, str]:
     return pinned
 
 
+INSTANCE_EXTRAS = {"server", "upscalers"}
+
+
 def main() -> None:
-    pinned = resolve("orch", {"server"})
+    pinned = resolve("orch", INSTANCE_EXTRAS)
     lines = ["# orch[server]'s environment, pinned (images/make_lock.py). PyTorch comes from the image.",
              f"# made with Python {sys.version.split()[0]}"]
     for name in sorted(pinned):
@@ -67,6 +70,10 @@ def main() -> None:
                 lines.append(f"torch>={pinned[name].split('+')[0]}")
             continue
         lines.append(f"{name}=={pinned[name]}")
+    # An instance extra not installed here (upscalers beside a CPU torch): its declared range.
+    for req in distribution("orch").requires or []:
+        if ";" in req and any(f'extra == "{e}"' in req for e in INSTANCE_EXTRAS) and _name(req) not in pinned:
+            lines.append(req.split(";")[0].strip())
     out = Path(__file__).with_name("requirements.lock")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out} ({len(lines) - 2} requirements)")

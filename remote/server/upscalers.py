@@ -105,7 +105,8 @@ class Upscalers:
                 try:
                     import spandrel
                 except ImportError as e:
-                    raise UnknownUpscaler(f"{path.stem}: model upscalers need the spandrel package ({e})") from None
+                    raise UnknownUpscaler(f"{path.stem}: model upscalers need the spandrel package on the instance "
+                                          f"(pip install 'orch[upscalers]'; it needs torchvision) ({e})") from None
                 try:
                     descriptor = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
                 except Exception as e:

@@ -163,7 +163,7 @@ def test_without_a_key_up_warns_first_fails_over_and_down_terminates_in_words(or
     monkeypatch.setattr(sim, "accepts_user_data", False)  # an API that refuses user_data: the bootstrap over SSH arms the agent
     up = orch("up", "nokey", "--provider", "lambda", "--gpu", "A10", "--detach", "--port", str(free_port()), "--json")
     result = up.json
-    warning = up.stderr.find("warning: Lambda Cloud bills an instance until it is terminated")
+    warning = up.stderr.find("Lambda Cloud bills an instance until it is terminated")
     creating = up.stderr.find("creating on lambda")
     assert 0 <= warning < creating, f"the warning comes before anything is created:\n{up.stderr}"
     assert "lambda.self_terminate_key" in up.stderr and "nothing stops nokey by itself" in " ".join(up.stderr.split())

@@ -167,7 +167,8 @@ def test_hires_fix_upscales_and_runs_a_second_pass(api):
 
 
 def test_upscalers_list_what_is_there_and_a_model_upscaler_runs(api):
-    pytest.importorskip("spandrel")
+    pytest.importorskip("spandrel", reason="orch[upscalers] is not installed (spandrel needs torchvision, which has no build "
+                                           "beside this machine's CPU torch)")
     names = [u["name"] for u in api.get("/sdapi/v1/upscalers").json()]
     assert names[:3] == ["None", "Lanczos", "Nearest"] and "4x-tiny" in names
     tiny = next(u for u in api.get("/sdapi/v1/upscalers").json() if u["name"] == "4x-tiny")
