@@ -82,7 +82,13 @@ def image_show(image: str = typer.Argument(...), as_json: JsonFlag = False) -> N
 @image_app.command("rm")
 def image_rm(image: str = typer.Argument(...), as_json: JsonFlag = False) -> None:
     """Remove an image; its files go unless another image or sync manifest uses them."""
-    data = run(as_json, lambda: {"name": image, **_store(orchestrator()).remove(image)})
+    from ..images.save import remove
+
+    def go():
+        orch = orchestrator()
+        return {"name": image, **remove(orch.ctx, image, _store(orch))}
+
+    data = run(as_json, go)
     wait = f"; {data['blobs_waiting']} recent blob(s) wait an hour (a save may be reusing them): `orch image gc` later" \
         if data["blobs_waiting"] else ""
     emit(as_json, data, f"image {image} removed: {data['blobs_deleted']} blob(s), {data['bytes_freed']:,} bytes freed{wait}")

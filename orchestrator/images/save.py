@@ -124,6 +124,28 @@ def save_native(ctx: Ctx, record: InstanceRecord, name: str, store: ImageStore |
     return entry
 
 
+def remove(ctx: Ctx, name: str, store: ImageStore | None = None) -> dict[str, Any]:
+    """The image: the providers' own images of it first (an AMI's snapshots bill), then the bucket's part."""
+    from ..errors import OrchError
+    from ..providers.capabilities import NativeImages
+
+    store = store or ImageStore(images_url(ctx.settings))
+    meta = store.get(name)
+    removed, kept = [], []
+    for native in meta.native:
+        try:
+            provider = ctx.provider(native["provider"])
+            if not isinstance(provider, NativeImages):
+                raise LifecycleError(f"{native['provider']} cannot delete images")
+            provider.delete_image(native["image_id"])
+            removed.append(native["image_id"])
+        except OrchError as e:
+            ctx.progress(f"image {name}: {native['provider']}'s image {native['image_id']} was not deleted ({e}); "
+                         f"delete it in the provider's console")
+            kept.append(native["image_id"])
+    return {**store.remove(name), "native_deleted": removed, "native_kept": kept}
+
+
 def describe(meta: ImageMeta) -> dict[str, Any]:
     return {"name": meta.name, "created_at": meta.created_at, "orch_version": meta.orch_version, "source": meta.source,
             "platform": meta.platform, "parts": meta.parts, "bytes": meta.bytes, "native": meta.native}

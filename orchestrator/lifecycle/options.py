@@ -30,6 +30,8 @@ class UpOptions:
     server_timeout: float = 900.0
     # An attempt whose instance is not RUNNING in this long is terminated and the next offer tried.
     provision_timeout: float = 600.0
+    # From --from-image: the provider's own images of it, by (provider, region): an offer there boots from one.
+    native_images: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def create_only(self) -> dict[str, object]:
@@ -55,7 +57,8 @@ def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpO
         from ..images.store import ImageStore, images_url
 
         inputs.instance_name(opts.from_image, what="--from-image")
-        ImageStore(images_url(settings)).check_usable(opts.from_image)
+        meta = ImageStore(images_url(settings)).check_usable(opts.from_image)
+        opts = replace(opts, native_images={(n["provider"], n["region"]): n["image_id"] for n in meta.native})
     if opts.deadlines.budget is not None:
         inputs.budget(opts.deadlines.budget, what="--budget")
         for provider in providers:

@@ -40,6 +40,7 @@ class FakeProvider:
     stuck: set[str] = field(default_factory=set)  # GPUs whose instances stay PENDING
     instances: dict[str, Instance] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    specs: list[InstanceSpec] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def offers(self, gpu=None, region=None, max_price=None) -> list[Offer]:
@@ -48,6 +49,7 @@ class FakeProvider:
 
     def create(self, spec: InstanceSpec) -> Instance:
         self.calls.append(("create", spec.offer.gpu))
+        self.specs.append(spec)
         if spec.offer.gpu in self.no_capacity:
             raise InsufficientCapacity(f"no {spec.offer.gpu} left")
         if spec.offer.gpu in self.over_quota:

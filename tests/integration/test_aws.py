@@ -158,6 +158,31 @@ def test_spot_interruption_is_the_stop_reason(sim, provider, tmp_path):
     assert provider.stop_reason(created.instance_id).startswith("spot interruption")
 
 
+def test_an_ami_of_an_instance_boots_a_new_one_and_is_removed_with_its_snapshots(sim, provider, tmp_path):
+    """The native half of `orch image`: create_image, launch from it, deregister with its snapshots."""
+    import boto3
+
+    created = provider.create(_spec(provider, tmp_path, "imaged"))
+    _wait(lambda: provider.get(created.instance_id).status == InstanceStatus.RUNNING, 60, "the instance to run")
+    image = provider.save_image(created.instance_id, "env1")
+    ami, region = image.image_id.split("@")
+    assert region == "us-east-1" and image.name == "env1"
+    assert [i.image_id for i in provider.list_images() if i.name == "env1"] == [image.image_id]
+    ec2 = boto3.client("ec2", region_name=region)
+    snapshots = [m["Ebs"]["SnapshotId"] for m in ec2.describe_images(ImageIds=[ami])["Images"][0]["BlockDeviceMappings"]
+                 if "Ebs" in m]
+    assert snapshots, "an AMI is backed by snapshots"
+    again = provider.create(replace(_spec(provider, tmp_path, "from-ami"), image_id=image.image_id))
+    assert sim.instance(again.instance_id).image_id == ami, "booted from the instance's own image"
+    provider.delete_image(image.image_id)
+    assert ec2.describe_images(Owners=["self"], ImageIds=[]).get("Images", []) == [] or \
+        ami not in [i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]]
+    left = [s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]]
+    assert not set(snapshots) & set(left), "its snapshots went with it (they would bill on their own)"
+    for inst in (created, again):
+        provider.terminate(inst.instance_id)
+
+
 def test_stopping_a_spot_instance_terminates_it(sim, provider, tmp_path):
     """EC2 cannot stop a one-time spot instance; `stop` ends its billing the only way there is."""
     created = provider.create(_spec(provider, tmp_path, "spot-down", spot=True))

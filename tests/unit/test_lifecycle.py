@@ -191,3 +191,12 @@ def test_a_usd_budget_is_refused_where_the_provider_prices_in_another_currency(o
     with pytest.raises(ConfigError, match="budgets are in USD and fake prices in CNY"):
         orch.up(UpOptions(name="box", deadlines=Deadlines(budget=5.0)))
     assert fake_provider.calls == [] and orch.state.get("box") is None
+
+
+def test_an_offer_where_the_image_has_a_native_copy_boots_from_it(two_clouds):
+    orch, cheap, dear = two_clouds
+    cheap.no_capacity = {"A100", "H100"}  # so the attempts reach fake2, where the native image is
+    opts = UpOptions(name="box", from_image="env", native_images={("fake2", "fake2-1"): "ami-123@fake2-1"})
+    provision.create(orch.ctx, opts, provision.choose_offers(orch.ctx, ["fake", "fake2"], opts))
+    assert [s.image_id for s in cheap.specs] == [None, None], "another provider: the portable image"
+    assert dear.specs[0].image_id == "ami-123@fake2-1"

@@ -34,6 +34,7 @@ from ..base import (
     AuthError,
     BadResponse,
     Capabilities,
+    Image,
     Instance,
     InstanceSpec,
     InstanceStatus,
@@ -67,8 +68,12 @@ SPOT_REASONS = ("Server.SpotInstanceTermination", "Server.SpotInstanceShutdown",
 RECENT_S = 60.0  # EC2 is eventually consistent: a new instance may be unknown to describe for a few seconds
 
 
+IMAGE_TAG = "orch-image"
+IMAGE_TIMEOUT_S = 1800.0
+
+
 class AwsProvider:
-    """Implements Provider and ReportsStopReason."""
+    """Implements Provider, ReportsStopReason, NativeImages (AMIs) and BootBackstop."""
 
     name = "aws"
     capabilities = Capabilities(regions=prices.REGIONS, gpus=prices.GPUS)
@@ -174,7 +179,7 @@ class AwsProvider:
         self._warn_open_ssh()
         spot = offer.interruptible
         key_name = self._key_pair(region, spec.ssh_public_key)
-        image = self._image(region, spec.image_id)
+        image = self._image(region, spec.image_id.partition("@")[0] if spec.image_id else None)  # orch's AMI ids: ami-...@region
         zones = self._subnets(region, itype.name)
         price = offer.price_per_hour if offer.price_per_hour is not None else prices.on_demand(region, itype.name)
         tags = {**spec.tags, "Name": f"orch-{spec.name}", PRICE_TAG: f"{price or 0.0:g}", CREATED_TAG: f"{time.time():.0f}"}
@@ -455,6 +460,56 @@ class AwsProvider:
 
     def self_stop_command(self, name: str) -> str:
         return boot.self_stop_command(self.runtime(name).home)
+
+    # -- NativeImages: AMIs ---------------------------------------------------------------
+
+    def save_image(self, instance_id: str, name: str) -> Image:
+        """An AMI of the instance's disks (without a reboot), once EC2 says it is available."""
+        region, iid, _ = self._document(instance_id)
+        answer = self.ec2.call(region, "create_image", InstanceId=iid, Name=f"orch-{name}-{int(time.time())}", NoReboot=True,
+                               Description=f"orch image {name}",
+                               TagSpecifications=[{"ResourceType": "image",
+                                                   "Tags": [{"Key": ORCH_TAG, "Value": "1"}, {"Key": IMAGE_TAG, "Value": name}]}])
+        ami = answer.get("ImageId")
+        if not isinstance(ami, str):
+            raise BadResponse(f"EC2 create_image in {region} answered without an ImageId")
+        deadline = time.monotonic() + IMAGE_TIMEOUT_S
+        while True:
+            images = self.ec2.call(region, "describe_images", ImageIds=[ami]).get("Images") or []
+            state = images[0].get("State") if images else None
+            if state == "available":
+                return Image(provider=self.name, image_id=f"{ami}@{region}", name=name, region=region, created_at=time.time())
+            if state in ("failed", "invalid", "deregistered", "error"):
+                raise ProviderError(f"aws: the AMI {ami} of {instance_id} ended {state}: {images[0].get('StateReason')}")
+            if time.monotonic() > deadline:
+                raise ProviderError(f"aws: the AMI {ami} of {instance_id} was not available after {IMAGE_TIMEOUT_S:.0f}s "
+                                    f"(still {state}); it may still finish: `aws ec2 describe-images --image-ids {ami}`")
+            time.sleep(5)
+
+    def list_images(self) -> list[Image]:
+        found = []
+        for region in self.regions():
+            images = self.ec2.call(region, "describe_images", Owners=["self"],
+                                   Filters=[{"Name": f"tag:{ORCH_TAG}", "Values": ["1"]}]).get("Images")
+            if not isinstance(images, list):
+                raise BadResponse(f"EC2 describe_images in {region} answered without an Images list")
+            for i in images:
+                tags = {t["Key"]: t["Value"] for t in i.get("Tags") or []}
+                found.append(Image(provider=self.name, image_id=f"{i['ImageId']}@{region}", name=tags.get(IMAGE_TAG, i.get("Name", "")),
+                                   region=region))
+        return found
+
+    def delete_image(self, image_id: str) -> None:
+        """Deregister the AMI and delete its snapshots (they bill on their own once the AMI is gone)."""
+        ami, _, region = image_id.partition("@")
+        if not region:
+            raise NotFound(f"aws: {image_id!r} is not an orch image id (ami-...@region)")
+        images = self.ec2.call(region, "describe_images", ImageIds=[ami]).get("Images") or []
+        snapshots = [m["Ebs"]["SnapshotId"] for i in images for m in i.get("BlockDeviceMappings") or []
+                     if m.get("Ebs", {}).get("SnapshotId")]
+        self.ec2.call(region, "deregister_image", ImageId=ami)
+        for snapshot in snapshots:
+            self.ec2.call(region, "delete_snapshot", SnapshotId=snapshot)
 
     def stop_reason(self, instance_id: str) -> str | None:
         """Why EC2 stopped it: the agent's reason from the console, a spot interruption, or EC2's own words."""
