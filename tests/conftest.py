@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _only_loopback(monkeypatch):
+    """boto3 looks for credentials on EC2's metadata address (169.254.169.254) last: never from tests."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 @pytest.fixture
 def orch_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "orch-home"

@@ -67,7 +67,7 @@ def test_bad_environment_is_refused(orch_home, env, says):
     (["gen", "x"], "no instance"),
     (["extend", "--idle", "5m"], "no instance"),
     (["extend", "x"], "nothing to change"),
-    (["offers", "--provider", "aws"], "not available in this version"),
+    (["offers", "--provider", "runpod"], "RUNPOD_API_KEY"),
     (["offers", "--max-price", "nan"], "--max-price"),
     (["up", "--provider", "nimbus"], "valid providers"),
     (["up", "--provider", "ssh"], "ssh.host"),

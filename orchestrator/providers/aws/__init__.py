@@ -9,14 +9,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .provider import AwsProvider
 from .settings import Settings
 
 
+def configured(settings: Settings) -> bool:
+    """Whether AWS credentials are set up the AWS way (no network asked: the environment and ~/.aws)."""
+    if any(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE")) or settings.profile:
+        return True
+    aws = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials")
+    return aws.exists() or Path(os.environ.get("AWS_CONFIG_FILE") or Path.home() / ".aws" / "config").exists()
+
+
 def make(settings: Settings, home: Path) -> AwsProvider:
     return AwsProvider(settings)
 
 
-__all__ = ["AwsProvider", "Settings", "make"]
+__all__ = ["AwsProvider", "Settings", "configured", "make"]
