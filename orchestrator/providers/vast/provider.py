@@ -378,7 +378,8 @@ class VastProvider:
             q["geolocation"] = {"in": countries}
         if max_price is not None:
             q["dph_total"] = {"lte": max_price}
-        q.update({"order": [["dph_total", "asc"]], "type": "ondemand", "limit": s.max_offers, "allocated_storage": s.disk_gb})
+        # Cheapest first, then the most reliable (the spec wants exactly two sort keys: minItems 2, maxItems 2).
+        q.update({"order": [["dph_total", "asc"], ["reliability", "desc"]], "type": "ondemand", "limit": s.max_offers, "allocated_storage": s.disk_gb})
         return q
 
     def _offer(self, raw: Any) -> Offer:
