@@ -94,7 +94,7 @@ GPUS = (
     "A40", "L4", "L40", "L40S", "A100 PCIE", "A100 SXM4", "A100X", "A800 PCIE", "H100 PCIE", "H100 SXM", "H100 NVL",
     "H200", "H200 NVL", "B200", "GH200 SXM", "Tesla V100", "Tesla T4", "Q RTX 8000",
 )
-_VARIANTS = {"pcie", "sxm", "sxm4", "sxm5", "nvl", "ws", "s", "ti"}
+_VARIANTS = {"pcie", "sxm", "sxm4", "sxm5", "nvl", "ws", "s"}  # never "ti": a 3090 Ti is not a 3090
 # ISO 3166-1 alpha-2: what Vast's geolocation ends with.
 COUNTRIES = frozenset((
     "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA "
@@ -288,8 +288,8 @@ def instance_status(row: Mapping[str, Any], user: str = "root") -> tuple[Instanc
         if intended == "running":
             if cur == "running":
                 return InstanceStatus.ERROR, f"{actual}: its container stopped by itself ({said or 'no message'})", None
-            return InstanceStatus.PENDING, ("scheduling: the start waits for the host's GPU, which another renter may "
-                                            "hold (possibly for ever); orch's time box ends the wait"), None
+            return InstanceStatus.PENDING, ("scheduling: the start waits for its GPU, which another renter may hold, "
+                                            "possibly for ever (orch stops waiting at its time box)"), None
         return InstanceStatus.STOPPED, str(actual), None
     if actual == "frozen":
         return InstanceStatus.UNKNOWN, "frozen (paused; Vast still bills its GPU)", None
@@ -406,7 +406,7 @@ class VastProvider:
         status, words, ssh = instance_status(raw, self.settings.ssh_user)
         tags = tags_of(raw.get("label"))
         try:
-            price = float(raw.get("dph_total") or 0.0)
+            price = round(float(raw.get("dph_total") or 0.0), 4)
         except (TypeError, ValueError):
             price = 0.0
         count = raw.get("num_gpus") if isinstance(raw.get("num_gpus"), int) else 1
