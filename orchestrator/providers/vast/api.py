@@ -131,12 +131,12 @@ def classify(response: httpx.Response) -> ProviderError | None:
     if _creating(request):
         if code == "no_such_ask" or status in (404, 410) or "no_such_ask" in said:
             return InsufficientCapacity(f"the Vast offer is gone (rented by someone else since the search): {said}")
-        if status == 403:
-            return InsufficientCapacity(f"Vast does not let this account rent that offer: {said}")
         if status == 402 or any(w in said.lower() for w in _FUNDS_WORDS):
             return InsufficientFunds(f"{what}: the Vast account's credit does not cover this ({said}); add credit")
         if any(w in said.lower() for w in _QUOTA_WORDS):
             return QuotaExceeded(f"the Vast account's limit stops this: {said}")
+        if status == 403:
+            return InsufficientCapacity(f"Vast does not let this account rent that offer: {said}")
         return ProviderError(f"{what}: Vast refused the create ({status} {code}: {said})")
     if status in (401, 403):
         return auth_error(what, status, said)
@@ -201,8 +201,13 @@ class VastApi:
             self._last[key] = time.monotonic()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        self._space(endpoint(method, path))
-        return self._rest.request(method, path, **kwargs)
+        key = endpoint(method, path)
+        self._space(key)
+        try:
+            return self._rest.request(method, path, **kwargs)
+        finally:  # the spacing counts from the last answer (the shared client may have retried after a 429 or a 5xx)
+            with self._lock:
+                self._last[key] = time.monotonic()
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self._request(method, path, **kwargs)
