@@ -203,7 +203,7 @@ def test_status_from_actual_intended_and_cur_state(row, status, words, endpoint)
 def test_a_restart_waiting_for_a_taken_gpu_is_pending_and_the_time_box_says_why(sim, monkeypatch):
     from orchestrator.lifecycle import provision
 
-    provider = make(sim)
+    provider = make(sim, start_wait_s=0)  # start() returns at once: the lifecycle's time box alone
     created = provider.create(spec(provider))
     wait(provider, created.instance_id, InstanceStatus.RUNNING)
     assert provider.stop(created.instance_id).status == InstanceStatus.STOPPED
@@ -214,6 +214,30 @@ def test_a_restart_waiting_for_a_taken_gpu_is_pending_and_the_time_box_says_why(
     problem = provision.wait_running(None, provider, started, timeout=0.2)
     assert problem.startswith("not running after 0s (still 'scheduling: the start waits for its GPU, which another renter")
     sim.free_gpu(5101)
+    wait(provider, created.instance_id, InstanceStatus.RUNNING)
+    provider.terminate(created.instance_id)
+
+
+def test_a_start_stuck_scheduling_is_stopped_again_and_says_why(sim):
+    from orchestrator.providers.base import InsufficientCapacity
+
+    waits: list[float] = []
+    provider = make(sim, start_wait_s=0.3, sleep=lambda s: (waits.append(s), time.sleep(s)))
+    created = provider.create(spec(provider))
+    wait(provider, created.instance_id, InstanceStatus.RUNNING)
+    provider.stop(created.instance_id)
+    sim.take_gpu(5101)
+    with pytest.raises(InsufficientCapacity, match=r"still scheduling 0s after its start: another renter holds its host's GPU"):
+        provider.start(created.instance_id)
+    assert waits and provider.get(created.instance_id).status == InstanceStatus.STOPPED, "not left waiting for ever"
+    # The GPU comes free while start() watches: it goes on.
+    sim.free_gpu(5101)
+    sim.take_gpu(5101)
+    provider = make(sim, start_wait_s=5, sleep=time.sleep)
+    import threading
+
+    threading.Timer(0.3, sim.free_gpu, args=(5101,)).start()
+    assert provider.start(created.instance_id).status in (InstanceStatus.PENDING, InstanceStatus.RUNNING)
     wait(provider, created.instance_id, InstanceStatus.RUNNING)
     provider.terminate(created.instance_id)
 

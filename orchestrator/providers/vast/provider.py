@@ -509,9 +509,23 @@ class VastProvider:
         return self.get(instance_id)
 
     def start(self, instance_id: str) -> Instance:
+        """Start a stopped instance. Where its GPU is taken (Vast shows "scheduling", possibly for ever), wait up to
+        vast.start_wait_s for it, then stop it again and raise InsufficientCapacity saying why."""
         vid = self._id(instance_id)
         self.api.manage(vid, {"state": "running"})
-        return self.get(instance_id)
+        deadline = time.monotonic() + self.settings.start_wait_s
+        while True:
+            current = self.get(instance_id)
+            if not current.raw_status.startswith("scheduling") or self.settings.start_wait_s <= 0:
+                return current
+            if time.monotonic() >= deadline:
+                break
+            self._sleep(min(3.0, max(0.05, deadline - time.monotonic())))
+        self.api.manage(vid, {"state": "stopped"})  # back to waiting stopped, not for ever in "scheduling"
+        raise InsufficientCapacity(
+            f"vast: instance {instance_id} is still scheduling {self.settings.start_wait_s:.0f}s after its start: another "
+            f"renter holds its host's GPU, and Vast may make it wait for ever; it is stopped again (its disk kept). Try "
+            f"`orch up` later, or `orch down NAME --terminate` and `orch up` on another offer")
 
     def terminate(self, instance_id: str) -> Instance:
         self.api.destroy(self._id(instance_id))

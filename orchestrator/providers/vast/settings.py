@@ -131,6 +131,9 @@ class Settings:
     verified_only: bool = True
     datacenter_only: bool = False
     max_offers: int = field(default=64, metadata={"check": check_limit})
+    # A start whose GPU another renter took waits in "scheduling", possibly for ever (Vast: stuck over 30 s means
+    # the host's GPUs are taken): start() watches it this long, then stops it again and says so (0: return at once).
+    start_wait_s: float = field(default=45.0, metadata={"check": check_interval})
     ssh_user: str = "root"
     # Vast limits each endpoint to one call per a few seconds per key (429 "API requests too frequent endpoint
     # threshold=N", no Retry-After): orch spaces calls of one endpoint this far apart and learns longer thresholds.
