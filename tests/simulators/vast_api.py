@@ -417,6 +417,11 @@ class VastSimulator:
         with self._lock:
             self.faults.append(Fault(method.upper(), path, status, body, times, off_spec))
 
+    def destroy_everything(self, holder: str = "test teardown") -> None:
+        """What a failed test left running, destroyed (as the account's owner would in the console)."""
+        for inst in self.live():
+            self._destroy(inst, holder)
+
     def host_dir(self, instance_id: int | str) -> Path:
         return self.pool.dir(str(instance_id))
 
