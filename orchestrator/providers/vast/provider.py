@@ -307,7 +307,7 @@ def docker_env(values: Mapping[str, str]) -> str:
     """Vast's `env` (docker flags): `-e K=V ...`; every value here is free of spaces and quotes."""
     for k, v in values.items():
         if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", k) or any(c in v for c in " \t\n'\"\\"):
-            raise ValueError(f"vast: {k} cannot travel in Vast's env string as it is")
+            raise ConfigError(f"vast: {k}={v[:40]!r} cannot travel in Vast's env string (docker flags): no spaces or quotes")
     return " ".join(f"-e {k}={v}" for k, v in values.items())
 
 
@@ -379,7 +379,8 @@ class VastProvider:
         if max_price is not None:
             q["dph_total"] = {"lte": max_price}
         # Cheapest first, then the most reliable (the spec wants exactly two sort keys: minItems 2, maxItems 2).
-        q.update({"order": [["dph_total", "asc"], ["reliability", "desc"]], "type": "ondemand", "limit": s.max_offers, "allocated_storage": s.disk_gb})
+        q.update({"order": [["dph_total", "asc"], ["reliability", "desc"]], "type": "ondemand", "limit": s.max_offers,
+                  "allocated_storage": s.disk_gb})  # dph_total then includes that disk's storage
         return q
 
     def _offer(self, raw: Any) -> Offer:
