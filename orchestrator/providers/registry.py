@@ -34,7 +34,7 @@ ENTRIES = (
     ProviderEntry("ssh", "a host you can already ssh into", "orchestrator.providers.ssh"),
     ProviderEntry("aws", "AWS EC2", "orchestrator.providers.aws", "aws"),
     ProviderEntry("runpod", "RunPod", "orchestrator.providers.runpod"),
-    ProviderEntry("vast", "Vast.ai", None),
+    ProviderEntry("vast", "Vast.ai", "orchestrator.providers.vast"),
     ProviderEntry("lambda", "Lambda Cloud", "orchestrator.providers.lambda_cloud"),
     ProviderEntry("autodl", "AutoDL", "orchestrator.providers.autodl"),
 )

@@ -124,7 +124,27 @@ def _autodl(tmp_path: Path, request) -> Case:
     return Case(provider, offer, replace(offer, region="beijingDC2"), key, public_key_line(key))
 
 
-PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws, "runpod": _runpod, "autodl": _autodl}
+def _vast(tmp_path: Path, request) -> Case:
+    from orchestrator.providers.vast import Settings, VastProvider
+    from tests.simulators.vast_api import LAPTOP_KEY, shared_simulator
+
+    sim = shared_simulator()  # one per test process, its instances real local containers; every request checked against the spec
+
+    def clean() -> None:  # after the case's own teardown has destroyed what the test left
+        sim.wait_all_destroyed()
+        sim.assert_clean()
+
+    request.addfinalizer(clean)
+    # The models' volume is a directory of this test (the simulator's containers share this machine's filesystem).
+    settings = Settings(api_url=sim.url, volume_path=str(tmp_path / "workspace"), request_interval=sim.min_interval)
+    provider = VastProvider(settings, tmp_path / "home", api_key=LAPTOP_KEY, environ={})
+    key = ensure_user_key(tmp_path / "home")
+    offer = provider.offers(gpu="RTX 4090")[0]
+    return Case(provider, offer, replace(offer, offer_id="4999"), key, public_key_line(key))  # an ask nobody lists
+
+
+PROVIDERS = {"local": _local, "ssh": _ssh, "lambda": _lambda, "aws": _aws, "runpod": _runpod, "autodl": _autodl,
+             "vast": _vast}
 
 
 @pytest.fixture(params=sorted(PROVIDERS))
