@@ -118,7 +118,8 @@ def save_native(ctx: Ctx, record: InstanceRecord, name: str, store: ImageStore |
     meta = store.get(name)
     ctx.progress(f"{record.name}: saving {provider.name}'s own image of the instance too")
     native = provider.save_image(record.instance_id, name)
-    entry = {"provider": provider.name, "region": native.region or record.region, "image_id": native.image_id}
+    # "" = usable in any region (a Vast snapshot is a docker image in the user's registry)
+    entry = {"provider": provider.name, "region": native.region, "image_id": native.image_id}
     meta.native.append(entry)
     store.write(meta)
     return entry

@@ -82,10 +82,15 @@ def arm(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
         remote.agent_set(changes)
 
 
+RECIPE_START_GRACE_S = 30.0
+
+
 def wait_for_boot_recipe(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
     """Until the instance's boot recipe is done (a venv install can take minutes); a failed one is reported."""
     status_file = f"{remote.runtime.home}/boot-recipe.json"
     deadline = time.monotonic() + record.deadlines.boot_timeout
+    # A container's sshd may answer before its start command wrote the status file: give it a moment.
+    absent_until = time.monotonic() + (RECIPE_START_GRACE_S if remote.runtime.rearm else 0)
     said = False
     while True:
         out = remote.run(f"cat {sh_path(status_file)} 2>/dev/null || true", timeout=30).stdout.strip()
@@ -94,6 +99,9 @@ def wait_for_boot_recipe(ctx: Ctx, remote: Remote, record: InstanceRecord) -> No
         except ValueError:
             status = {}  # being written
         state = status.get("status")
+        if state is None and time.monotonic() < absent_until:
+            time.sleep(1)
+            continue
         if state in (None, "done"):
             python = status.get("python")
             if python and python != remote.runtime.python and not remote.runtime.code_on_path:

@@ -122,7 +122,7 @@ def create(ctx: Ctx, opts: UpOptions, offers: list[Offer]) -> tuple[InstanceReco
         price = f"{offer.price_per_hour:.2f} {offer.currency}/h" if offer.price_per_hour is not None else "price known after create"
         ctx.progress(f"{opts.name}: creating on {provider.name} ({offer.gpu}, {offer.region}, {price})")
         config = agent_config(provider, opts.name, offer.price_per_hour or 0.0, opts.deadlines, now)
-        native = opts.native_images.get((offer.provider, offer.region))
+        native = opts.native_images.get((offer.provider, offer.region)) or opts.native_images.get((offer.provider, ""))
         if native:
             ctx.progress(f"{opts.name}: booting from {provider.name}'s own image {native} of {opts.from_image} (same provider and region)")
         spec = InstanceSpec(name=opts.name, offer=offer, ssh_public_key=public_key_line(key), image_id=native,

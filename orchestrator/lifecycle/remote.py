@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from remote import protocol
 
-from ..errors import LifecycleError, NotRunning
+from ..errors import LifecycleError, NotRunning, SshError
 from ..providers.base import InstanceStatus, RemoteRuntime, SshEndpoint
 from ..ssh import CommandResult, RemoteCommandFailed, SshSession, sh_path, wait_for_ssh
 from ..state import InstanceRecord
@@ -36,8 +36,11 @@ def open_session(ctx: Ctx, record: InstanceRecord, timeout: float = 300.0) -> Ss
     provider = ctx.provider(record.provider)
     key = ctx.key()
 
+    seen: list[str] = []
+
     def endpoint() -> SshEndpoint | None:
         inst = provider.get(record.instance_id or "")
+        seen[:] = [inst.raw_status]
         if inst.status in (InstanceStatus.STOPPED, InstanceStatus.TERMINATED):
             raise NotRunning(f"instance {record.name} is {inst.status.value.lower()}; `orch up {record.name}` starts it")
         if inst.ssh is None:
@@ -49,7 +52,12 @@ def open_session(ctx: Ctx, record: InstanceRecord, timeout: float = 300.0) -> Ss
 
     current = ctx.state.get(record.name)
     pinned = current.host_key if current else None
-    return wait_for_ssh(endpoint, key, pinned, pin, timeout=timeout, what=record.name)
+    try:
+        return wait_for_ssh(endpoint, key, pinned, pin, timeout=timeout, what=record.name)
+    except SshError as e:
+        if seen and "not reachable" in str(e):
+            raise SshError(f"{e}; the provider last said the instance is {seen[0]!r}") from None
+        raise
 
 
 def connect(ctx: Ctx, record: InstanceRecord, timeout: float = 300.0) -> "Remote":
