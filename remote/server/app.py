@@ -26,7 +26,7 @@ from .models import ModelManager
 from .service import GenerationService
 from .settings import ServerConfig, ServerSettings
 from .state import ServerState
-from . import routes_ops
+from . import routes_ops, routes_ui
 
 __all__ = ["ServerConfig", "ServerSettings", "create_app"]
 
@@ -59,6 +59,7 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
     install_handlers(app, on_unexpected=count_unexpected)
     for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router):
         app.include_router(router)
+    routes_ui.install(app)  # the page: its routes, then its files mounted at / (last: the API's routes come first)
     app.add_middleware(TimeLeftMiddleware, state_dir=settings.state_dir)
     app.openapi = lambda: openapi(app, settings)  # type: ignore[method-assign]
     return app
