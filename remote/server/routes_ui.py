@@ -256,7 +256,7 @@ def page_status(state: StateDep, request: Request) -> dict[str, Any]:
     gallery = get_page(request).gallery
     return {"status": ready.get("status"), "model": ready.get("model"), "demo": ready.get("demo", False),
             "error": ready.get("error"), "images": gallery.count() if gallery else None,
-            "time_left": time_left(state.settings.state_dir), "device": str(state.models.device)}
+            "time_left": time_left(state.settings.state_dir), "device": ready.get("device")}
 
 
 # -- the static page ---------------------------------------------------------------------------

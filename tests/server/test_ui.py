@@ -96,6 +96,8 @@ def test_the_page_is_refused_without_the_token_and_served_with_basic_auth(anon):
     assert '<script src="app.js"' in page.text and "Generate" in page.text
     assert anon.get("/app.js", headers=basic).status_code == 200
     assert anon.get("/style.css", headers=basic).status_code == 200
+    status = anon.get("/ui/api/status", headers=basic).json()
+    assert status["status"] == "ready" and status["model"] == "orch-demo-tiny-sd15" and status["device"] == "cpu"
     # An unknown path is the API's JSON 404, not a file listing or an HTML page.
     missing = anon.get("/nope.txt", headers=basic)
     assert missing.status_code == 404 and missing.json()["error"] == "NotFound"
