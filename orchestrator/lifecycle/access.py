@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
@@ -232,8 +231,8 @@ def run_streaming(session: SshSession, command: str, out: IO[bytes] | None = Non
 
 
 def remote_command(command: list[str]) -> str:
-    """`orch ssh NAME -- CMD ARGS`: one word stays as typed (a shell line), several are quoted each."""
-    return command[0] if len(command) == 1 else " ".join(shlex.quote(c) for c in command)
+    """`orch ssh NAME -- CMD ARGS` as OpenSSH's client sends it: the words joined by spaces, for the remote shell."""
+    return " ".join(command)
 
 
 # -- logs ----------------------------------------------------------------------------------------
