@@ -364,10 +364,11 @@ const queue = {
     const items = [];
     if (snap.running) items.push(this.item(snap.running, "running"));
     snap.waiting.forEach((j, i) => items.push(this.item(j, "waiting", i, snap.waiting.length)));
-    snap.finished.forEach((j) => items.push(this.item(j, "finished")));
+    snap.finished.slice(0, 30).forEach((j) => items.push(this.item(j, "finished")));
     if (!items.length) items.push(el("li", { className: "muted empty", textContent: "Nothing queued. Generate adds a job here." }));
     list.replaceChildren(...items);
     // Newly finished jobs: their images go to Results (not the ones finished before the page loaded).
+    let added = false;
     for (const j of [...snap.finished].reverse()) {
       if (this.seen.has(j.id)) continue;
       this.seen.add(j.id);
@@ -375,8 +376,9 @@ const queue = {
       if (j.images.length) results.add(j.images);
       if (j.seeds.length) form.lastSeed = j.seeds[0];
       if (j.error) showError(j.error);
-      if (j.images.length) gallery.stale = true;
+      if (j.images.length) gallery.stale = added = true;
     }
+    if (added) refreshStatus();
     this.first = false;
   },
 
