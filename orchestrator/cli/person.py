@@ -63,7 +63,7 @@ def ssh(
     """A shell on the instance, or a command there (`orch ssh NAME -- CMD`), with its pinned host key.
 
     orch keeps an ssh config with a `Host orch-NAME` entry per running instance: `ssh -F
-    ORCH_HOME/ssh/config orch-NAME`, or `Include` it from ~/.ssh/config for ssh, scp, rsync and VS Code Remote."""
+    ORCH_HOME/openssh/config orch-NAME`, or `Include` it from ~/.ssh/config for ssh, scp, rsync and VS Code Remote."""
     from ..lifecycle import access
 
     names, command = _split(words or [])

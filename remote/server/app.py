@@ -1,10 +1,13 @@
 """The image server: an A1111-compatible API over diffusers, for the instance's 127.0.0.1.
 
 Existing A1111 clients talk to it unchanged through the tunnel. Every route but /healthz
-needs the instance's token, as `Authorization: Bearer TOKEN` or HTTP Basic `orch:TOKEN`.
+(and the page's one-time sign-in link) needs the instance's token, as `Authorization: Bearer
+TOKEN` or HTTP Basic `orch:TOKEN`, or the page's session cookie (routes_ui.py); a browser
+request from another origin is refused (deps.py).
 
 create_app() only wires things together: state, exception handlers, the time-left
-middleware, one router per area. What the routes do lives in their modules.
+middleware, one router per area, the page (its files mounted at / last). What the routes do
+lives in their modules.
 """
 
 from __future__ import annotations
