@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -47,6 +48,7 @@ CREATE INDEX IF NOT EXISTS images_by_time ON images(created DESC, id DESC);
 """
 EXTENSIONS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 THUMB_SIDE = 256
+MIN_FREE_BYTES = 1 << 30  # below this much free disk, images are no longer kept (the server must not fill its disk)
 _MATCH = "(prompt LIKE ? ESCAPE '\\' OR model LIKE ? ESCAPE '\\')"
 MAX_PAGE = 200
 
@@ -89,6 +91,7 @@ class Gallery:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs")
+        self._warned_full = 0.0
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -132,6 +135,13 @@ class Gallery:
         """A generation's images: the base64 the client got where there is one, else encoded here."""
         from .encoding import encode_image
 
+        free = shutil.disk_usage(self.root).free
+        if free < MIN_FREE_BYTES:
+            now = time.monotonic()
+            if now - self._warned_full > 60:
+                self._warned_full = now
+                log.warning("outputs: %d MiB free on %s: images are not kept until space is freed", free >> 20, self.root)
+            return []
         ids = []
         for i, image in enumerate(images):
             b64 = encoded[i] if i < len(encoded) else encode_image(image, infotexts[i], fmt)

@@ -49,11 +49,20 @@ class PageJob:
     error: str | None = None
     note: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    label: str = ""  # txt2img, img2img or inpaint
+
+    def __post_init__(self) -> None:
+        self.label = "inpaint" if self.kind == "img2img" and getattr(self.body, "mask", None) else self.kind
+
+    def forget_inputs(self) -> None:
+        """A finished job keeps what the page lists, not its input images (megabytes each)."""
+        if self.kind == "img2img":
+            self.body = self.body.model_copy(update={"init_images": None, "mask": None})
 
     def as_json(self, position: int | None = None) -> dict[str, Any]:
         b = self.body
         return {
-            "id": self.id, "kind": "inpaint" if self.kind == "img2img" and getattr(b, "mask", None) else self.kind,
+            "id": self.id, "kind": self.label,
             "state": self.state, "position": position, "created": self.created, "started": self.started,
             "finished": self.finished, "images": self.images, "seeds": self.seeds, "warnings": self.warnings,
             "error": self.error, "note": self.note,
@@ -206,6 +215,7 @@ class JobQueue:
         return [*self._waiting, *([self._running] if self._running else []), *self._done]
 
     def _finish(self, job: PageJob) -> None:
+        job.forget_inputs()
         self._done.append(job)
         del self._done[:-HISTORY]
         self._changed()

@@ -348,3 +348,15 @@ def test_listing_a_page_of_50000_images_is_fast(tmp_path):
     print(f"gallery at 50,000 images: {', '.join(f'{k} {v * 1000:.1f} ms' for k, v in timings.items())}")
     assert timings["first"] < 0.25 and timings["deep"] < 0.25 and timings["search"] < 0.5, timings
     g.close()
+
+
+def test_images_are_not_kept_when_the_disk_is_nearly_full(tmp_path, monkeypatch):
+    from remote.server import gallery as gallery_module
+
+    g = gallery_module.Gallery(tmp_path / "outputs")
+    image = Image.new("RGB", (8, 8))
+    assert len(g.add_generated([image], [], ["x\nSteps: 1, Seed: 1"], [1], "png", "txt2img")) == 1
+    monkeypatch.setattr(gallery_module, "MIN_FREE_BYTES", 1 << 62)
+    assert g.add_generated([image], [], ["x\nSteps: 1, Seed: 2"], [2], "png", "txt2img") == []
+    assert g.count() == 1
+    g.close()
