@@ -44,6 +44,11 @@ def box(tmp_path_factory):
         return OrchResult(proc)
 
     up = orch("up", "box", "--detach", "--json").json
+    # A LoRA file for the picker (listed by name; never loaded here).
+    (instance,) = (home / "local").iterdir()
+    lora = instance / "disk" / ".orch" / "models" / "Lora"
+    lora.mkdir(parents=True, exist_ok=True)
+    (lora / "paper-style.safetensors").write_bytes(b"")
     api = httpx.Client(base_url=up["url"], headers={"Authorization": f"Bearer {up['token']}"}, timeout=120)
     # A live preview at every step, so a short job shows one.
     assert api.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 1, "live_previews_enable": True}).status_code == 200
@@ -117,6 +122,9 @@ def test_the_page_is_refused_without_the_token_and_basic_auth_opens_it(box, brow
 
 def test_type_a_prompt_generate_see_progress_and_preview_interrupt_then_the_image(box, page, tmp_path):
     assert "orch-demo-tiny-sd15" in page.text_content("#status")
+    page.fill("#prompt", "a lighthouse")
+    page.click("#loras button:has-text('paper-style')")
+    assert page.input_value("#prompt") == "a lighthouse <lora:paper-style:1>", "a LoRA click inserts its tag at the cursor"
     page.fill("#prompt", "a lighthouse at dusk, long exposure")
     page.fill("#negative_prompt", "blurry")
     page.fill("#width", "64")
@@ -140,6 +148,20 @@ def test_type_a_prompt_generate_see_progress_and_preview_interrupt_then_the_imag
     page.wait_for_function("() => { const i = document.querySelector('#results .tile img'); return i.complete && i.naturalWidth > 0 }",
                            timeout=LONG)
     shot(page, "page-generate.png", tmp_path)
+    # The hires fix: a first pass, an upscale by 1.5, a second pass of one step.
+    page.check("#enable_hr")
+    page.select_option("#hr_upscaler", "Latent")
+    page.fill("#hr_scale", "1.5")
+    page.fill("#hr_second_pass_steps", "1")
+    page.fill("#steps", "1")
+    page.fill("#prompt", "hires lighthouse")
+    page.click("#generate")
+    page.wait_for_function("() => [...document.querySelectorAll('#queue .job.done')].some(j => j.textContent.includes('hires lighthouse'))",
+                           timeout=LONG)
+    page.uncheck("#enable_hr")
+    job = next(j for j in box.api.get("/ui/api/queue").json()["finished"] if j["prompt"] == "hires lighthouse")
+    info = box.api.get(f"/ui/api/images/{job['images'][0]}/info").json()
+    assert (info["width"], info["height"]) == (96, 96) and "Hires upscale: 1.5" in info["infotext"]
 
 
 def test_queue_jobs_move_one_and_cancel_one(box, page, tmp_path):
@@ -180,8 +202,9 @@ def test_gallery_open_an_image_and_reuse_its_settings(box, page, tmp_path):
                            timeout=LONG)
     shot(page, "page-gallery.png", tmp_path)
     # An image from the first generation: open it, see its parameters, reuse them.
-    first = next(i for i in box.api.get("/ui/api/gallery?q=lighthouse").json()["items"] if "lighthouse" in i["prompt"])
-    page.fill("#search", "lighthouse")
+    first = box.api.get("/ui/api/gallery?q=at dusk").json()["items"][0]
+    assert first["prompt"] == "a lighthouse at dusk, long exposure"
+    page.fill("#search", "at dusk")
     page.wait_for_selector(f"#gallery .tile[data-id='{first['id']}']", timeout=LONG)
     page.click(f"#gallery .tile[data-id='{first['id']}']")
     page.wait_for_function("() => document.querySelector('#viewer-params').textContent.includes('Steps:')", timeout=LONG)

@@ -36,7 +36,7 @@ def box(tmp_path_factory):
             raise AssertionError(f"orch {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return result
 
-    up = orch("up", "box", "--detach", "--json").json
+    up = orch("up", "box", "--detach", "--price-per-hour", "36", "--json").json
     yield SimpleNamespace(home=home, orch=orch, up=up, env=env)
     _stop_everything(home)
 
@@ -136,3 +136,16 @@ def test_orch_open_gives_a_one_time_link_and_opens_a_tunnel_when_none_is(box):
     assert httpx.get(url).status_code == 401
     status = json.loads(box.orch("status", "box", "--json").stdout)
     assert status["url"] + "/" == url
+
+
+def test_orch_cost_counts_the_running_instance_at_its_price(box):
+    status = box.orch("status", "box", "--json").json
+    cost = box.orch("cost", "--json").json
+    (row,) = cost["instances"]
+    assert (row["name"], row["currency"], row["price_per_hour"], row["state"]) == ("box", "USD", 36.0, "RUNNING")
+    assert row["cost"] == pytest.approx(36.0 * row["hours"], abs=36 * 1e-4)  # hours are rounded to 4 places
+    # The same clock as `orch status` (a moment later: a little more).
+    assert status["cost"] <= cost["totals"]["USD"] <= status["cost"] + 36.0 * 120 / 3600
+    assert [d["currency"] for d in cost["days"]] == ["USD"] * len(cost["days"])
+    human = box.orch("cost")
+    assert "box" in human.stdout and "per day, USD" in human.stdout and "total" in human.stdout
