@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..durations import parse_duration
 from ..errors import ConfigError, OrchError
@@ -43,6 +44,7 @@ def orchestrator(loaded=None):
 
 
 def emit(as_json: bool, data: dict[str, Any], human: str | None = None) -> None:
+    end_progress()
     if as_json:
         sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -50,14 +52,56 @@ def emit(as_json: bool, data: dict[str, Any], human: str | None = None) -> None:
         Console().print(human, highlight=False)
 
 
+_STARTED = time.monotonic()
+
+
+class _Current:
+    """The step a long operation is in, with the seconds it has taken so far (re-rendered by the spinner)."""
+
+    def __init__(self, msg: str) -> None:
+        self.msg, self.t0 = msg, time.monotonic()
+
+    def __rich__(self) -> str:
+        return f"{escape(self.msg)} [dim]{_seconds(time.monotonic() - self.t0)}[/dim]"
+
+
+_status: Any = None
+
+
 def progress(msg: str) -> None:
-    err.print(f"[dim]•[/dim] {msg}", highlight=False)
+    """A step of a long operation (provisioning, bootstrap, sync, model load, saving an image): a line
+    with the time since the command started; on a terminal, a spinner shows the step's time as it runs."""
+    global _status
+    err.print(f"[dim]{_seconds(time.monotonic() - _STARTED):>6} •[/dim] {escape(msg)}", highlight=False)
+    if not err.is_terminal:
+        return
+    if _status is None:
+        from rich.status import Status
+
+        _status = Status(_Current(msg), console=err, spinner="dots")
+        _status.start()
+    else:
+        _status.update(_Current(msg))
+
+
+def end_progress() -> None:
+    """Stop the spinner (before a result or an error is printed)."""
+    global _status
+    if _status is not None:
+        _status.stop()
+        _status = None
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def run(as_json: bool, fn: Callable[[], T]) -> T:
     """Call fn; an error becomes one clear line (and a JSON error object), never a traceback."""
     try:
-        return fn()
+        result = fn()
+        end_progress()
+        return result
     except OrchError as e:
         fail(as_json, str(e), 1)
     except KeyboardInterrupt:
@@ -69,6 +113,7 @@ def run(as_json: bool, fn: Callable[[], T]) -> T:
 
 
 def fail(as_json: bool, message: str, code: int) -> None:
+    end_progress()
     err.print(f"[red]error:[/red] {message}", highlight=False)
     if as_json:
         emit(True, {"error": message})

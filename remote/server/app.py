@@ -1,10 +1,13 @@
 """The image server: an A1111-compatible API over diffusers, for the instance's 127.0.0.1.
 
 Existing A1111 clients talk to it unchanged through the tunnel. Every route but /healthz
-needs the instance's token, as `Authorization: Bearer TOKEN` or HTTP Basic `orch:TOKEN`.
+(and the page's one-time sign-in link) needs the instance's token, as `Authorization: Bearer
+TOKEN` or HTTP Basic `orch:TOKEN`, or the page's session cookie (routes_ui.py); a browser
+request from another origin is refused (deps.py).
 
 create_app() only wires things together: state, exception handlers, the time-left
-middleware, one router per area. What the routes do lives in their modules.
+middleware, one router per area, the page (its files mounted at / last). What the routes do
+lives in their modules.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .models import ModelManager
 from .service import GenerationService
 from .settings import ServerConfig, ServerSettings
 from .state import ServerState
-from . import routes_ops
+from . import routes_ops, routes_ui
 
 __all__ = ["ServerConfig", "ServerSettings", "create_app"]
 
@@ -59,6 +62,7 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
     install_handlers(app, on_unexpected=count_unexpected)
     for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router):
         app.include_router(router)
+    routes_ui.install(app)  # the page: its routes, then its files mounted at / (last: the API's routes come first)
     app.add_middleware(TimeLeftMiddleware, state_dir=settings.state_dir)
     app.openapi = lambda: openapi(app, settings)  # type: ignore[method-assign]
     return app

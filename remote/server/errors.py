@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
-STATUS_NAMES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
+STATUS_NAMES = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "ValidationError", 500: "InternalError", 503: "ServiceUnavailable"}
 
 
 def error_response(status: int, detail: str, **extra: Any) -> JSONResponse:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class GenerationOutput:
     images: list[bytes]  # base64 images (PNG, or the options' samples_format)
     parameters: dict[str, Any]
     info: str  # JSON text, as A1111 sends it
+    kept: Future | None = None  # the gallery ids of the images, once on the instance disk (None: not kept)
 
 
 class GenerationService:
@@ -40,7 +42,8 @@ class GenerationService:
         self.state = state
 
     def run(self, body, kind: str, cancel: threading.Event | None = None) -> GenerationOutput:
-        """# 1. readiness  # 2. read the request  # 3. will it fit  # 4. submit and wait  # 5. encode and describe."""
+        """# 1. readiness  # 2. read the request  # 3. will it fit  # 4. submit and wait  # 5. encode and describe
+        # 6. keep the images (in the background)."""
         entered = time.perf_counter()
         state, models = self.state, self.state.models
         # 1. A model to serve.
@@ -96,7 +99,15 @@ class GenerationService:
         else:
             encoded = [encode_image(result.images[0], result.infotexts[0], fmt)]
         encode_seconds = time.perf_counter() - t_encode
-        info = self._info(body, req, result, t.warnings, kind)
+        # 6. Kept on the instance for the page's gallery, off this thread (do_not_save_samples: A1111's opt-out).
+        kept = None
+        if state.gallery is not None and not body.do_not_save_samples and result.images:
+            kept = state.gallery.keep(result.images, encoded, result.infotexts, result.seeds, fmt, run_kind)
+        warnings = list(t.warnings)
+        if body.save_images and kept is None:
+            warnings.append("save_images: this server keeps no images (ORCH_KEEP_OUTPUTS=0, or do_not_save_samples); "
+                            "they are in this answer only")
+        info = self._info(body, req, result, warnings, kind)
         info.update(orch_seconds=round(result.seconds, 4), orch_batch_images=result.extra.get("batch_images", 1),
                     orch_queue_seconds=round(queued, 4), orch_gpu_idle_before_seconds=round(job.gpu_idle_before, 4),
                     orch_phase_seconds=result.extra.get("phases", {}), orch_encode_seconds=round(encode_seconds, 4))
@@ -104,7 +115,7 @@ class GenerationService:
         info["orch_request_seconds"] = round(time.perf_counter() - entered, 4)
         exclude = {"init_images", "mask"} if kind == "img2img" and not body.include_init_images else set()
         parameters = body.model_dump(exclude=exclude)
-        return GenerationOutput(images=encoded, parameters=parameters, info=json.dumps(info))
+        return GenerationOutput(images=encoded, parameters=parameters, info=json.dumps(info), kept=kept)
 
     @staticmethod
     def _batch_key(req, kind: str, model_name: str | None) -> tuple:

@@ -29,6 +29,11 @@ class ServerSettings:
     resident_models: int = 3  # ORCH_RESIDENT_MODELS (A1111's sd_checkpoints_limit)
     precompiled_dir: Path | None = None  # ORCH_PRECOMPILED_DIR: saved standalone compiled graphs
     cudnn_benchmark: bool = False  # ORCH_CUDNN_BENCHMARK
+    keep_outputs: bool = True  # ORCH_KEEP_OUTPUTS=0: generated images are not kept under state_dir/outputs (the gallery)
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.state_dir / "outputs"
 
     @classmethod
     def from_env(cls, token: str, models_dir: Path, state_dir: Path, device: str | None = None,
@@ -44,6 +49,7 @@ class ServerSettings:
             resident_models=int(environ.get("ORCH_RESIDENT_MODELS") or 3),
             precompiled_dir=Path(precompiled) if precompiled else None,
             cudnn_benchmark=environ.get("ORCH_CUDNN_BENCHMARK") == "1",
+            keep_outputs=environ.get("ORCH_KEEP_OUTPUTS", "1") != "0",
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -90,6 +90,7 @@ class ServerState:
     # A batch's PNGs are encoded side by side (zlib releases the GIL).
     png_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=8, thread_name_prefix="png"))
     started: float = field(default_factory=time.monotonic)
+    gallery: Any = None  # gallery.Gallery: where generated images are kept (None: ORCH_KEEP_OUTPUTS=0)
 
     def check_ready(self) -> None:
         """Raise NotReady while the model loads, or when none could be loaded."""

@@ -148,8 +148,6 @@ def _unsupported(body, kind: str, merged: dict[str, Any], overrides: dict[str, A
         out.append("restore_faces: face restoration is not available on orch; the images are not face-restored")
     if body.styles:
         out.append(f"styles: no prompt styles exist on orch; not applied: {', '.join(body.styles)}")
-    if body.save_images:
-        out.append("save_images: orch does not save images on the instance; they are in this answer")
     if body.refiner_checkpoint not in (None, "", "None", "none"):
         out.append("refiner_checkpoint: the refiner is not supported on orch; the base model made the whole image")
     if body.firstpass_image:
