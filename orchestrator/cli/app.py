@@ -23,7 +23,8 @@ from ..errors import ConfigError, OrchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Rent a GPU, run Stable Diffusion on it, never pay for a minute you did not use.")
-err = Console(stderr=True)
+# Piped to a file or a script, a message stays on one line (grep finds it); on a terminal rich wraps it.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 NameArg = Annotated[Optional[str], typer.Argument(help="Instance name (may be left out when only one exists).")]

@@ -50,9 +50,17 @@ def exists(remote: Remote, path: str) -> bool:
     return remote.run(f"test -e {sh_path(path)} && echo yes || true", timeout=30).stdout.strip() == "yes"
 
 
-def push_dir(ctx: Ctx, remote: Remote, src: str, url: str, creds: dict[str, str]) -> dict[str, Any]:
+# The gallery's index and thumbnails (remote/server/gallery.py) are rebuilt from the images
+# themselves on the restored instance; saving a live sqlite file would copy it mid-write.
+GALLERY_DERIVED = (".index.db*", ".thumbs")
+
+
+def push_dir(ctx: Ctx, remote: Remote, src: str, url: str, creds: dict[str, str],
+             exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     home = remote.runtime.home
-    command = remote.python_cmd("orchestrator.storage", "push", src, url, "--cache", f"{home}/transfers.db", "--creds-stdin")
+    excludes = [arg for pattern in exclude for arg in ("--exclude", pattern)]
+    command = remote.python_cmd("orchestrator.storage", "push", src, url, "--cache", f"{home}/transfers.db", "--creds-stdin",
+                                *excludes)
     return run_json(remote, command, f"pushing {src} to {url}", stdin=json.dumps(creds).encode())
 
 
@@ -90,7 +98,8 @@ def save(ctx: Ctx, record: InstanceRecord, name: str, store: ImageStore | None =
                 if not exists(remote, src):
                     continue
                 ctx.progress(f"{record.name}: pushing {part} ({src}) from the instance to {store.part_url(name, part)}")
-                done = push_dir(ctx, remote, src, store.part_url(name, part), creds)
+                exclude = GALLERY_DERIVED if src == f"{home}/outputs" else ()
+                done = push_dir(ctx, remote, src, store.part_url(name, part), creds, exclude)
                 meta.parts.setdefault(part.split("/")[0], {"files": 0, "bytes": 0, "transferred": 0})
                 total = meta.parts[part.split("/")[0]]
                 total["files"] += done["files"]

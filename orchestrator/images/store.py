@@ -22,11 +22,14 @@ META = "_image"
 REMOVE_GRACE_S = 3600.0
 
 
-def images_url(settings: Settings) -> str:
+def images_url(settings: Settings, flag: str | None = None) -> str:
+    """Where images live; flag names the option that asked, so the error says what to fix."""
     if settings.images.url:
         return settings.images.url.rstrip("/")
     if not settings.storage.url:
-        raise ConfigError("images need a bucket: set images.url (or storage.url) in orch.yaml, e.g. s3://my-bucket/orch-images")
+        asked = f"{flag}: " if flag else ""
+        raise ConfigError(f"{asked}images need a bucket: set images.url (or storage.url) in orch.yaml, "
+                          f"e.g. s3://my-bucket/orch-images")
     loc = parse_location(settings.storage.url)
     if loc.kind == "s3":
         return f"s3://{loc.bucket}/orch-images"

@@ -209,7 +209,9 @@ class Orchestrator:
         ctx = self._with(progress)
         if save_image:
             from ..images import save as images
+            from ..images.store import images_url
 
+            images_url(self.settings, "--save-image")  # a missing bucket is named before an instance is looked up
             images.save(ctx, self.resolve(name, want_running=True), save_image)
             result = self.down(name, terminate=False, progress=progress)
             try:

@@ -57,7 +57,7 @@ def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpO
         from ..images.store import ImageStore, images_url
 
         inputs.instance_name(opts.from_image, what="--from-image")
-        meta = ImageStore(images_url(settings)).check_usable(opts.from_image)
+        meta = ImageStore(images_url(settings, "--from-image")).check_usable(opts.from_image)
         opts = replace(opts, native_images={(n["provider"], n["region"]): n["image_id"] for n in meta.native})
     if opts.deadlines.budget is not None:
         inputs.budget(opts.deadlines.budget, what="--budget")

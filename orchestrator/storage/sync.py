@@ -9,11 +9,12 @@ instance alike: it imports nothing laptop-only.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 from urllib.parse import urlparse
 
 from .cache import TransferCache, hash_if_fast
@@ -148,21 +149,26 @@ def _safe_name(name: str) -> str:
     return str(p)
 
 
-def _local_files(src: Path) -> list[tuple[str, Path]]:
+def _local_files(src: Path, exclude: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """Files under src by relative POSIX path; a path (or a folder's path) matching an exclude glob is left out."""
+    def excluded(rel: str) -> bool:
+        return any(fnmatch.fnmatchcase(rel, pattern) for pattern in exclude)
+
     out = []
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d != ".orch")
+        base = PurePosixPath(*Path(root).relative_to(src).parts)
+        dirs[:] = sorted(d for d in dirs if d != ".orch" and not excluded(str(base / d)))
         for f in sorted(files):
-            if f.endswith(PARTIAL_SUFFIXES):
+            if f.endswith(PARTIAL_SUFFIXES) or excluded(str(base / f)):
                 continue
             path = Path(root) / f
             if path.is_file():
-                out.append((str(PurePosixPath(*path.relative_to(src).parts)), path))
+                out.append((str(base / f), path))
     return out
 
 
 def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | None = None,
-         client_factory: Callable[[], Any] | None = None) -> SyncResult:
+         client_factory: Callable[[], Any] | None = None, exclude: Sequence[str] = ()) -> SyncResult:
     started = time.monotonic()
     progress = progress or NoProgress()
     loc = parse_location(dst)
@@ -174,7 +180,7 @@ def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | Non
             parent = str(PurePosixPath(loc.prefix).parent)
             manifest_prefix, files = ("" if parent == "." else parent), [(PurePosixPath(loc.prefix).name, src)]
     elif src.is_dir():
-        manifest_prefix, files = loc.prefix, _local_files(src)
+        manifest_prefix, files = loc.prefix, _local_files(src, exclude)
     else:
         raise StorageError(f"{src} does not exist")
 
