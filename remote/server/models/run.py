@@ -37,20 +37,26 @@ def _served(cls: type) -> type:
                                        "_execution_device": property(lambda self: self.orch_device)})
 
 
-def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
+def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img", controlnet=None):
     """The model's components with a fresh scheduler: shared weights, private sampler state.
 
     One pipeline object per kind is kept and given the request's scheduler (requests run
-    one at a time on the worker): building one was ~3 ms of CPU before the GPU could start."""
+    one at a time on the worker): building one was ~3 ms of CPU before the GPU could start.
+    With `controlnet`, the kind's ControlNet pipeline (controlnet/apply.py), on the same components."""
     import torch
 
     base = model.pipeline
     scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule, sdxl=is_sdxl(base))
-    pipe = model.pipelines.get(kind)
+    key = kind if controlnet is None else f"{kind}+controlnet"
+    pipe = model.pipelines.get(key)
     if pipe is None:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-        if kind == "txt2img":
+        if controlnet is not None:
+            from ..controlnet.apply import pipeline_class
+
+            pipe = pipeline_class(kind, is_sdxl(base)).from_pipe(base, controlnet=controlnet)
+        elif kind == "txt2img":
             pipe = base.__class__(**base.components)
         elif kind == "img2img":
             pipe = AutoPipelineForImage2Image.from_pipe(base)
@@ -60,7 +66,7 @@ def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img")
         pipe.orch_device = torch.device(model.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.encode_prompt = model.prompts.wrap(pipe.encode_prompt, lambda: (model.lora.version, model.clip_skip))
-        model.pipelines[kind] = pipe
+        model.pipelines[key] = pipe
     for name, component in base.components.items():  # a VAE chosen, or the UNet compiled, since
         if name != "scheduler" and getattr(pipe, name, None) is not component:
             setattr(pipe, name, component)
@@ -256,17 +262,19 @@ class _Steps:
 
 def run(model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
         engine, kind: str = "txt2img", rows: list[int] | None = None, subseeds: list[int] | None = None,
-        on_image: Callable[[int, Any], None] | None = None) -> tuple[list[Any], dict[str, float]]:
+        on_image: Callable[[int, Any], None] | None = None, controls: list[tuple] | None = None,
+        nets: list[Any] | None = None) -> tuple[list[Any], dict[str, float]]:
     """Generate; with on_image, txt2img images are also handed over one by one as each is decoded.
 
-    `rows`: each image's position in its request (which init image it starts from).
+    `rows`: each image's position in its request (which init image it starts from); `controls`: each
+    image's ControlNet units (their maps), `nets` the units' networks (controlnet/apply.py).
     Returns the images and where the call's time went (PhaseClock.phases)."""
     import torch
 
     from .. import noise, tiling
 
     spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
-    pipe = pipeline_for(model, spec, schedule, kind)
+    pipe = pipeline_for(model, spec, schedule, kind, nets[0] if req.control else None)
     sdxl = is_sdxl(pipe)
     if spec.brownian:
         pipe.scheduler.noise_sampler_seed = list(seeds)  # each image its own Brownian tree, as alone
@@ -303,6 +311,10 @@ def run(model: LoadedModel, req: GenerationRequest, prompts: list[str], negative
             stream = DecodeStream(pipe, on_image)
     else:
         post = _image_inputs(pipe, model, req, kind, args, rows or list(range(len(seeds))), seeds, gens)
+    if req.control:
+        from ..controlnet.apply import control_args
+
+        args.update(control_args(pipe, nets, req.control, controls or [req.control] * len(seeds), kind, req.cfg_scale > 1))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if not sdxl:
@@ -381,6 +393,9 @@ def _image_inputs(pipe, model: LoadedModel, req: GenerationRequest, kind: str, a
         return None
     from .. import inpaint, noise
 
+    if req.control:  # diffusers' ControlNet inpaint pipeline encodes the images itself
+        args.update(image=row_images, mask_image=prepared.mask, width=req.width, height=req.height)
+        return lambda i, image: inpaint.paste_back(image, prepared.overlays[rows[i] % len(prepared.overlays)], prepared.paste_to)
     x = pipe.image_processor.preprocess(row_images, height=req.height, width=req.width).to(device, dtype)
     latents = _encode(pipe, x, gens)
     to_generate = inpaint.latent_mask_tensor(prepared.mask, req.height // 8, req.width // 8, device, latents.dtype)
