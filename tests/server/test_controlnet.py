@@ -287,3 +287,26 @@ def test_sdxl_shaped_controlnet_equals_diffusers(tmp_path, monkeypatch):
     ref = pipe("a cat", image=canny_map(), num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
                generator=[torch.Generator("cpu").manual_seed(5)]).images[0]
     assert np.abs(got - np.asarray(ref, dtype=np.int16)).max() <= 1
+
+
+def test_requests_with_other_control_images_share_a_batch_and_keep_their_own(cn_home):
+    """The batch key ignores the maps: two requests, one pipeline call, each image steered by its own map."""
+    import dataclasses
+
+    from remote.server.controlnet import units as cn_units
+    from remote.server.models import GenerationRequest, ModelManager
+    from remote.server.service import GenerationService
+
+    manager = ModelManager(cn_home / "models", device="cpu")
+    reqs = []
+    for image in (shapes_image(), Image.new("RGB", (64, 64), (20, 20, 30))):  # edges, and none
+        units = cn_units.read_units([unit(image=b64_png(image))], manager.control, manager.annotators_dir, 64, 64, [])
+        reqs.append(GenerationRequest(prompt="a cat", steps=2, width=64, height=64, seed=9, sampler_name="Euler", control=units))
+    assert GenerationService._batch_key(reqs[0], "txt2img", None) == GenerationService._batch_key(reqs[1], "txt2img", None)
+    together = manager.generate_batch(reqs)
+    assert together[0].extra["batch_images"] == 2
+    for req, result in zip(reqs, together):
+        alone = manager.generate(dataclasses.replace(req))
+        assert np.abs(np.asarray(alone.images[0], np.int16) - np.asarray(result.images[0], np.int16)).max() <= 1
+    # Same seed, so only the maps tell them apart (had the batch used the first request's map for both, they would be equal).
+    assert not np.array_equal(np.asarray(together[0].images[0]), np.asarray(together[1].images[0]))
