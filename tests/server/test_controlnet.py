@@ -310,3 +310,10 @@ def test_requests_with_other_control_images_share_a_batch_and_keep_their_own(cn_
         assert np.abs(np.asarray(alone.images[0], np.int16) - np.asarray(result.images[0], np.int16)).max() <= 1
     # Same seed, so only the maps tell them apart (had the batch used the first request's map for both, they would be equal).
     assert not np.array_equal(np.asarray(together[0].images[0]), np.asarray(together[1].images[0]))
+
+
+def test_hires_fix_with_a_unit_steers_the_first_pass_and_says_so(cn):
+    for upscaler in ("Latent", "Lanczos"):
+        info, (image,) = gen(cn, units=[unit()], enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, denoising_strength=0.5)
+        assert image.shape == (96, 96, 3)
+        assert any("first pass only" in w for w in info["warnings"])

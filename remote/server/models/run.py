@@ -346,7 +346,7 @@ def _second_pass(model: LoadedModel, req: GenerationRequest, plan, latents, prom
     from .. import hires, noise
     from ..upscalers import LATENT_MODES
 
-    first_pipe = model.pipelines["txt2img"]
+    first_pipe = model.pipelines["txt2img+controlnet" if req.control else "txt2img"]
     if plan.upscaler in LATENT_MODES:
         image = hires.upscale_latents(latents, plan)
     else:
