@@ -2,6 +2,7 @@
 
 Run on a GPU machine: python bench/server_gpu.py [--arch sd15|sdxl] [--out DIR]
 CPU smoke (what CI runs): python bench/server_gpu.py --smoke
+One ControlNet unit against plain diffusers' ControlNet pipeline: --controlnet (bench/server_gpu_controlnet.py)
 
 Measures, with a full-size random-weight architecture (speed does not depend on weights),
 at the arch's native size, 30 steps, CFG on, fp16:
@@ -127,7 +128,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="requests each concurrent client sends, one after another")
     parser.add_argument("--home", help="keep the server's home (models, compile caches) here instead of a temporary folder")
     parser.add_argument("--warm-batches", default="1,8", help="batch sizes the server compiles at boot")
+    parser.add_argument("--controlnet", action="store_true", help="SD1.5 with one ControlNet unit vs plain diffusers' ControlNet pipeline")
     args = parser.parse_args()
+    if args.controlnet:
+        import server_gpu_controlnet
+
+        server_gpu_controlnet.run(args, Server, log, TOKEN)
+        return
 
     import torch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from .a1111 import routes_control, routes_extras, routes_generate, routes_models
+from .a1111 import routes_control, routes_controlnet, routes_extras, routes_generate, routes_models
 from .activity import Activity
 from .boot import load_default
 from .engine import Engine
@@ -60,7 +60,8 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
         state.counters.errors_total += 1
 
     install_handlers(app, on_unexpected=count_unexpected)
-    for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router):
+    for router in (routes_ops.router, routes_generate.router, routes_models.router, routes_control.router, routes_extras.router,
+                   routes_controlnet.router):
         app.include_router(router)
     routes_ui.install(app)  # the page: its routes, then its files mounted at / (last: the API's routes come first)
     app.add_middleware(TimeLeftMiddleware, state_dir=settings.state_dir)
@@ -85,8 +86,8 @@ def openapi(app: FastAPI, settings: ServerSettings) -> dict:
                     props[key]["maximum"] = settings.max_side
             if "script_name" in props:  # orch runs no A1111 scripts: none can be named (a name is A1111's 422)
                 props["script_name"] = {"type": "null", "default": None, "description": props["script_name"].get("description", "")}
-            if "alwayson_scripts" in props:
-                props["alwayson_scripts"]["maxProperties"] = 0
+            if "alwayson_scripts" in props:  # ControlNet only (A1111 reads the name without regard to case)
+                props["alwayson_scripts"]["propertyNames"] = {"pattern": "^[Cc][Oo][Nn][Tt][Rr][Oo][Ll][Nn][Ee][Tt]$"}
             for key in ("sampler_name", "sampler_index", "hr_sampler_name"):
                 if key in props:
                     extra = ["Use same sampler"] if key == "hr_sampler_name" else []

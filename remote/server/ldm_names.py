@@ -108,3 +108,27 @@ def save_ldm_checkpoint(pipe, path: Path, dtype=None) -> Path:
         state = {k: v.to(dtype) for k, v in state.items()}
     save_file(state, str(path))
     return path
+
+
+def controlnet_to_ldm(net, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNetModel's weights under the original (ControlNet 1.x) names, as users download them."""
+    blocks = 2 * (len(net.config.conditioning_embedding_out_channels) - 1)
+    out = {}
+    for key, value in net.state_dict().items():
+        if key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            if rest.startswith("conv_in."):
+                new = "input_hint_block.0." + rest[len("conv_in."):]
+            elif rest.startswith("conv_out."):
+                new = f"input_hint_block.{2 * (blocks + 1)}." + rest[len("conv_out."):]
+            else:
+                m = re.match(r"blocks\.(\d+)\.(.*)", rest)
+                new = f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+        elif m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+            new = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif key.startswith("controlnet_mid_block."):
+            new = "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        else:
+            new = unet_key(key, [], net.config.layers_per_block)
+        out[prefix + new] = value.contiguous()
+    return out

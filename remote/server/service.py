@@ -26,7 +26,7 @@ from .models.residency import free_memory
 from .models.types import JobCancelled
 from .state import ServerState
 
-SCRIPTS: list[str] = []  # orch runs no A1111 scripts
+SCRIPTS: list[str] = []  # selectable A1111 scripts (script_name): none; ControlNet is always on (alwayson_scripts)
 
 
 @dataclass

@@ -89,3 +89,30 @@ def write_tiny_esrgan(path: Path, scale: int = 4, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
+
+
+def build_tiny_controlnet(unet, seed: int = 0):
+    """A ControlNet shaped for this UNet (diffusers' from_unet), every weight random: its zero
+    convolutions too, so that it changes the image from the first step."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+def write_ldm_controlnet(net, path: Path) -> Path:
+    """A ControlNet as users download it: one .safetensors in the original layout (control_model.*)."""
+    from safetensors.torch import save_file
+
+    from remote.server.ldm_names import controlnet_to_ldm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(controlnet_to_ldm(net), str(path))
+    return path

@@ -75,7 +75,7 @@ def test_webuiapi_client_works_unchanged(server):
     api.set_options(opts)  # posting the whole dict back is accepted
     api.interrupt()
     api.get_progress()
-    assert api.get_loras() == [] and api.get_scripts() == {"txt2img": [], "img2img": []}
+    assert api.get_loras() == [] and api.get_scripts() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     api.get_memory()
 
 

@@ -285,7 +285,7 @@ def test_what_orch_does_not_do_is_a_warning_or_a1111s_error(api):
         assert word in warnings, (word, warnings)
     assert len(images) == 1
     assert gen(api, expect=422, script_name="X/Y/Z plot")["detail"].startswith("script_name: Script 'X/Y/Z plot' not found")
-    assert "always on script controlnet not found" in gen(api, expect=422, alwayson_scripts={"controlnet": {"args": []}})["detail"]
+    assert "always on script ADetailer not found" in gen(api, expect=422, alwayson_scripts={"ADetailer": {"args": []}})["detail"]
     _, info, _ = gen(api, prompt="a cat <lora:missing:0.5>")
     assert any("unknown LoRA 'missing'" in w for w in info["warnings"])
 

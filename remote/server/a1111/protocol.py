@@ -294,3 +294,32 @@ class NamedItem(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+
+
+# -- the ControlNet extension's routes (sd-webui-controlnet's scripts/api.py) ------------------------
+
+
+class ControlNetDetectRequest(_Request):
+    controlnet_module: str = Field("none", description="A module from /controlnet/module_list")
+    controlnet_input_images: list[str] = Field(default_factory=list, description="Base64 images")
+    controlnet_processor_res: float = Field(-1, description="-1: the module's default")
+    controlnet_threshold_a: float = Field(-1, description="-1: the module's default")
+    controlnet_threshold_b: float = Field(-1, description="-1: the module's default")
+    controlnet_masks: list[str] = Field(default_factory=list, description="Base64 masks, one per image (inpaint modules)")
+    low_vram: bool = False
+
+
+class ControlNetDetectResponse(BaseModel):
+    info: str
+    images: list[str] = Field(default_factory=list, description="The detected maps, base64 PNG")
+
+
+class ControlNetModelList(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_list: list[str] = Field(description="ControlNet models under models/ControlNet, as 'name [hash]'")
+
+
+class ControlNetModuleList(BaseModel):
+    module_list: list[str]
+    module_detail: dict[str, dict[str, Any]] = Field(description="Per module: model_free and its sliders")

@@ -118,13 +118,14 @@ def set_options(body: dict[str, Any], state: StateDep) -> JSONResponse:
 
 @router.get("/scripts", response_model=ScriptsList)
 def scripts() -> ScriptsList:
-    """A1111 scripts on this server: none (a request naming one is a 422)."""
-    return ScriptsList(txt2img=[], img2img=[])
+    """A1111 scripts on this server: ControlNet, always on (alwayson_scripts.controlnet); no selectable
+    script (a request naming one in script_name is a 422)."""
+    return ScriptsList(txt2img=["controlnet"], img2img=["controlnet"])
 
 
 @router.get("/script-info", response_model=list[ScriptInfo])
 def script_info() -> list[ScriptInfo]:
-    return []
+    return [ScriptInfo(name="controlnet", is_alwayson=True, is_img2img=img2img, args=[]) for img2img in (False, True)]
 
 
 @router.get("/embeddings", response_model=EmbeddingsResponse)

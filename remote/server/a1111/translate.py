@@ -16,6 +16,7 @@ from ..infotext import parse_infotext
 from ..models import GenerationRequest, ModelNotFound, RequestError
 from ..models.types import ImageInputs
 from ..upscalers import LATENT_MODES, UnknownUpscaler
+from ..controlnet.units import read_units, script_args
 
 # override_settings / options keys that change what orch generates.
 APPLIED_OPTIONS = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "samples_format", "eta_ddim", "tiling",
@@ -72,8 +73,9 @@ def translate(body, kind: str, models, options: dict[str, Any], max_side: int, s
     # Scripts: A1111's own errors.
     if body.script_name:
         raise RequestError(f"script_name: Script '{body.script_name}' not found (scripts on orch: {', '.join(scripts) or 'none'})")
-    for name in body.alwayson_scripts or {}:
-        raise RequestError(f"alwayson_scripts: always on script {name} not found (orch runs no A1111 scripts)")
+    control_args, other_scripts = script_args(body.alwayson_scripts)
+    for name in other_scripts:
+        raise RequestError(f"alwayson_scripts: always on script {name} not found (on orch: controlnet)")
     # Names against what the instance has.
     checkpoint = overrides.get("sd_model_checkpoint")
     try:
@@ -120,6 +122,8 @@ def translate(body, kind: str, models, options: dict[str, Any], max_side: int, s
         extra_params.insert(0, ("Denoising strength", body.denoising_strength))
     if plan is not None:
         extra_params += _hires_params(body, plan, sampler_name)
+    control = _control_units(body, kind, control_args, width, height, models, warnings, plan) if control_args else ()
+    extra_params += [(f"ControlNet {u.index}", u.infotext()) for u in control]
     eta = body.eta if body.eta is not None else (merged.get("eta_ddim") if resolved.spec.uses_eta else None)
     previews = bool(merged.get("live_previews_enable", True))
     every = _int_option(merged, "show_progress_every_n_steps", 10, -1, 1000) if previews else 0
@@ -130,6 +134,7 @@ def translate(body, kind: str, models, options: dict[str, Any], max_side: int, s
         loras=tuple(found), vae=vae, subseed=body.subseed, subseed_strength=body.subseed_strength,
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h, clip_skip=clip_skip,
         tiling=tiling, eta=eta, hires=plan, inputs=inputs, preview_every=max(every, 0), extra_params=tuple(extra_params),
+        control=control,
     )
     return Translated(req, model_name, warnings, overrides)
 
@@ -260,3 +265,27 @@ def _image_inputs(body, width: int, height: int, models, warnings: list[str]) ->
     if body.resize_mode:
         params.append(("Resize mode", ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")[body.resize_mode]))
     return ImageInputs(images=tuple(flat), denoising_strength=body.denoising_strength, resize_mode=body.resize_mode), params
+
+
+def _control_units(body, kind: str, args: list, width: int, height: int, models, warnings: list[str], plan) -> tuple:
+    """The request's ControlNet units (controlnet/units.py); what orch does differently is in the warnings."""
+    import numpy as np
+
+    image = mask = None
+    if kind == "img2img" and body.init_images:
+        image = np.asarray(flatten(decode_image(body.init_images[0], "init_images.0")))
+        if body.mask:
+            mask = np.asarray(inpaint.binary_mask(decode_image(body.mask, "mask")))
+            if mask.shape != image.shape[:2]:
+                mask = None
+    units = read_units(args, models.control, models.annotators_dir, width, height, warnings, image, mask)
+    if any(u.control_mode == 2 for u in units):
+        warnings.append("control_mode 'ControlNet is more important': run as diffusers' guess_mode (residuals scaled "
+                        "10^-1..1, none on the unconditional half); the extension scales by 0.825^12..1, within 0.6%")
+    if units and plan is not None:
+        warnings.append("ControlNet: the units steer the hires fix's first pass only on orch (the extension also steers "
+                        "the second)")
+    if units and kind == "img2img" and body.mask and body.inpainting_fill in (2, 3):
+        warnings.append("inpainting_fill: latent noise / latent nothing are not applied with ControlNet units (diffusers' "
+                        "ControlNet inpaint pipeline starts from the image)")
+    return units

@@ -53,7 +53,8 @@ _VAE_HASHES: dict[tuple, str] = {}
 
 
 def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine=None, kind: str = "txt2img",
-                   answer: Callable[[int, GenerationResult], None] | None = None) -> tuple[list[GenerationResult], dict]:
+                   answer: Callable[[int, GenerationResult], None] | None = None,
+                   nets: list | None = None) -> tuple[list[GenerationResult], dict]:
     """Run the requests (their model, VAE and LoRAs are in place); returns the results and the last call's phases."""
     head = requests[0]
     spec, schedule = samplers.resolve(head.sampler_name, head.scheduler)
@@ -107,7 +108,8 @@ def generate_batch(model: LoadedModel, requests: list[GenerationRequest], engine
         rows = chunk + padding
         out, last_phases = run(model, head, [c[1] for c in rows], [c[2] for c in rows], [c[3] for c in rows], engine, kind,
                                rows=[c[5] for c in rows], subseeds=[c[4] for c in rows],
-                               on_image=chunk_delivery(i, len(chunk)) if answer else None)
+                               on_image=chunk_delivery(i, len(chunk)) if answer else None,
+                               controls=[requests[c[0]].control for c in rows], nets=nets)
         images.extend(out[: len(chunk)])
     phases.update(last_phases)
     return [early.get(r) or result_for(r, images[starts[r] : starts[r + 1]]) for r in range(len(requests))], last_phases

@@ -23,7 +23,7 @@ from .types import ModelNotFound, RequestError
 log = logging.getLogger(__name__)
 
 # Subfolders of the models directory that hold other things than checkpoints (A1111's layout).
-NOT_CHECKPOINTS = {"Lora", "LyCORIS", "VAE", "embeddings", "ControlNet", "hypernetworks", "ESRGAN"}
+NOT_CHECKPOINTS = {"Lora", "LyCORIS", "VAE", "embeddings", "ControlNet", "Annotators", "hypernetworks", "ESRGAN"}
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import lora
+from ..controlnet.catalog import ControlCatalog
 from .batching import generate_batch
 from .catalog import Catalog, ModelEntry
 from .loading import load_pipeline, load_vae, vae_in_float32
@@ -36,6 +37,8 @@ class ModelManager:
         self.loras = lora.LoraLibrary(models_dir / "Lora")
         self.residency = Residency(max_resident)
         self.upscalers = Upscalers(models_dir)
+        self.control = ControlCatalog(models_dir / "ControlNet")  # ControlNet models (controlnet/catalog.py)
+        self.annotators_dir = models_dir / "Annotators"  # the weighted preprocessors' files
         self.compiler = Compiler(enabled=compile, backend=compile_backend, precompiled_dir=precompiled_dir)
         self.cudnn_benchmark = cudnn_benchmark
         self._device = device
@@ -165,7 +168,12 @@ class ModelManager:
             lora.apply(model.pipeline, model.lora, self.loras, head.loras)
         except lora.LoraError as e:
             raise RequestError(str(e)) from None
-        results, self.last_phases = generate_batch(model, requests, engine, kind, answer)
+        nets = None
+        if head.control:
+            from ..controlnet.apply import nets_for
+
+            nets = nets_for(model, head.control, self.config_cache, self.compiler)
+        results, self.last_phases = generate_batch(model, requests, engine, kind, answer, nets)
         return results
 
     def generate(self, req: GenerationRequest, model: LoadedModel | None = None) -> GenerationResult:

@@ -38,6 +38,7 @@ class LoadedModel:
     pipelines: dict[str, Any] = field(default_factory=dict)  # kind -> the pipeline object requests reuse
     upscalers: Any = None  # upscalers.Upscalers, for the hires fix
     clip_skip: int = 1  # of the call running now (the prompt cache keys on it)
+    controlnets: OrderedDict = field(default_factory=OrderedDict)  # ControlNets loaded for this model, by path
 
     @property
     def inpainting(self) -> bool:

@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .. import samplers
+from .decode_stream import DecodeStream, to_8_bits
 from .residency import LoadedModel
 from .types import GenerationRequest, JobCancelled
-
-
-def to_8_bits(images):
-    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8 on the same device, the arithmetic of
-    diffusers' PIL output (float32 x 255, rounded). Done on the GPU: a quarter of the bytes to
-    copy and no float pass over the pixels on the CPU (~30 ms for eight 512x512 images)."""
-    import torch
-
-    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @functools.cache
@@ -37,20 +28,26 @@ def _served(cls: type) -> type:
                                        "_execution_device": property(lambda self: self.orch_device)})
 
 
-def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img"):
+def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img", controlnet=None):
     """The model's components with a fresh scheduler: shared weights, private sampler state.
 
     One pipeline object per kind is kept and given the request's scheduler (requests run
-    one at a time on the worker): building one was ~3 ms of CPU before the GPU could start."""
+    one at a time on the worker): building one was ~3 ms of CPU before the GPU could start.
+    With `controlnet`, the kind's ControlNet pipeline (controlnet/apply.py), on the same components."""
     import torch
 
     base = model.pipeline
     scheduler = samplers.make_scheduler(model.scheduler_config, spec, schedule, sdxl=is_sdxl(base))
-    pipe = model.pipelines.get(kind)
+    key = kind if controlnet is None else f"{kind}+controlnet"
+    pipe = model.pipelines.get(key)
     if pipe is None:
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-        if kind == "txt2img":
+        if controlnet is not None:
+            from ..controlnet.apply import pipeline_class
+
+            pipe = pipeline_class(kind, is_sdxl(base)).from_pipe(base, controlnet=controlnet)
+        elif kind == "txt2img":
             pipe = base.__class__(**base.components)
         elif kind == "img2img":
             pipe = AutoPipelineForImage2Image.from_pipe(base)
@@ -60,81 +57,12 @@ def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img")
         pipe.orch_device = torch.device(model.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.encode_prompt = model.prompts.wrap(pipe.encode_prompt, lambda: (model.lora.version, model.clip_skip))
-        model.pipelines[kind] = pipe
+        model.pipelines[key] = pipe
     for name, component in base.components.items():  # a VAE chosen, or the UNet compiled, since
         if name != "scheduler" and getattr(pipe, name, None) is not component:
             setattr(pipe, name, component)
     pipe.scheduler = scheduler
     return pipe
-
-
-class DecodeStream:
-    """During one txt2img call, the VAE decodes the batch image by image and each image is
-    handed to `on_image` as soon as it is on the host, while the GPU decodes the next: its
-    client gets its PNG while the rest of the batch decodes, instead of all eight clients
-    encoding and receiving at once after the last. Image by image costs the GPU nothing more
-    (SD1.5 on an H100: 8 x 7.8 ms vs 65.7 ms for a batch of 8). The pipeline still gets the
-    whole batch back and finishes as usual; pixels are the same as its own (same ops)."""
-
-    def __init__(self, pipe, on_image: Callable[[int, Any], None]):
-        self.pipe = pipe
-        self.vae = pipe.vae
-        self.on_image = on_image
-        self.images: dict[int, Any] = {}  # what the call returns: already converted, no second copy
-        self.error: BaseException | None = None
-
-    def __enter__(self):
-        import queue
-
-        self.decode = self.vae.decode
-        self.vae.decode = self._decode
-        self.handoff: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._deliver, name="decode-stream", daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.vae.decode = self.decode
-        self.handoff.put(None)
-        self.thread.join()
-        if self.error is not None and exc[0] is None:
-            raise self.error
-
-    def _decode(self, z, *args, **kwargs):
-        import torch
-
-        samples = []
-        for i in range(z.shape[0]):
-            out = self.decode(z[i : i + 1], *args, **kwargs)
-            sample = out[0] if isinstance(out, tuple) else out.sample
-            samples.append(sample)
-            pixels = to_8_bits(self.pipe.image_processor.denormalize(sample))  # as postprocess() does next
-            if pixels.is_cuda:
-                host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-                host.copy_(pixels, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                self.handoff.put((i, host, ready))
-            else:
-                self.handoff.put((i, pixels, None))
-        sample = torch.cat(samples)
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        return DecoderOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
-
-    def _deliver(self) -> None:
-        from PIL import Image
-
-        while (item := self.handoff.get()) is not None:
-            i, pixels, ready = item
-            try:
-                if ready is not None:
-                    ready.synchronize()
-                if self.error is None:
-                    self.images[i] = Image.fromarray(pixels[0].numpy())
-                    self.on_image(i, self.images[i])
-            except BaseException as e:  # raised on the worker when the call ends
-                self.error = e
 
 
 class PhaseClock:
@@ -256,17 +184,19 @@ class _Steps:
 
 def run(model: LoadedModel, req: GenerationRequest, prompts: list[str], negatives: list[str], seeds: list[int],
         engine, kind: str = "txt2img", rows: list[int] | None = None, subseeds: list[int] | None = None,
-        on_image: Callable[[int, Any], None] | None = None) -> tuple[list[Any], dict[str, float]]:
+        on_image: Callable[[int, Any], None] | None = None, controls: list[tuple] | None = None,
+        nets: list[Any] | None = None) -> tuple[list[Any], dict[str, float]]:
     """Generate; with on_image, txt2img images are also handed over one by one as each is decoded.
 
-    `rows`: each image's position in its request (which init image it starts from).
+    `rows`: each image's position in its request (which init image it starts from); `controls`: each
+    image's ControlNet units (their maps), `nets` the units' networks (controlnet/apply.py).
     Returns the images and where the call's time went (PhaseClock.phases)."""
     import torch
 
     from .. import noise, tiling
 
     spec, schedule = samplers.resolve(req.sampler_name, req.scheduler)
-    pipe = pipeline_for(model, spec, schedule, kind)
+    pipe = pipeline_for(model, spec, schedule, kind, nets[0] if req.control else None)
     sdxl = is_sdxl(pipe)
     if spec.brownian:
         pipe.scheduler.noise_sampler_seed = list(seeds)  # each image its own Brownian tree, as alone
@@ -303,6 +233,10 @@ def run(model: LoadedModel, req: GenerationRequest, prompts: list[str], negative
             stream = DecodeStream(pipe, on_image)
     else:
         post = _image_inputs(pipe, model, req, kind, args, rows or list(range(len(seeds))), seeds, gens)
+    if req.control:
+        from ..controlnet.apply import control_args
+
+        args.update(control_args(pipe, nets, req.control, controls or [req.control] * len(seeds), kind, req.cfg_scale > 1))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if not sdxl:
@@ -381,6 +315,9 @@ def _image_inputs(pipe, model: LoadedModel, req: GenerationRequest, kind: str, a
         return None
     from .. import inpaint, noise
 
+    if req.control:  # diffusers' ControlNet inpaint pipeline encodes the images itself
+        args.update(image=row_images, mask_image=prepared.mask, width=req.width, height=req.height)
+        return lambda i, image: inpaint.paste_back(image, prepared.overlays[rows[i] % len(prepared.overlays)], prepared.paste_to)
     x = pipe.image_processor.preprocess(row_images, height=req.height, width=req.width).to(device, dtype)
     latents = _encode(pipe, x, gens)
     to_generate = inpaint.latent_mask_tensor(prepared.mask, req.height // 8, req.width // 8, device, latents.dtype)
@@ -409,7 +346,7 @@ def _second_pass(model: LoadedModel, req: GenerationRequest, plan, latents, prom
     from .. import hires, noise
     from ..upscalers import LATENT_MODES
 
-    first_pipe = model.pipelines["txt2img"]
+    first_pipe = model.pipelines["txt2img+controlnet" if req.control else "txt2img"]
     if plan.upscaler in LATENT_MODES:
         image = hires.upscale_latents(latents, plan)
     else:

@@ -63,6 +63,7 @@ class GenerationRequest:
     inputs: ImageInputs | None = None  # img2img and inpainting
     preview_every: int = 0  # live preview every N steps; 0: none
     extra_params: tuple[tuple[str, Any], ...] = ()  # further 'Key: value' pairs for the infotext
+    control: tuple[Any, ...] = ()  # ControlNet units (controlnet/units.py ControlUnit), enabled ones only
 
     @property
     def output_size(self) -> tuple[int, int]:

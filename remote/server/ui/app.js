@@ -94,6 +94,7 @@ const form = {
       override_settings: {}, override_settings_restore_afterwards: true,
     };
     if ($("model").value) r.override_settings.sd_model_checkpoint = $("model").value;
+    if ($("cn_enabled").checked) r.alwayson_scripts = { controlnet: { args: [controlnet.unit()] } };
     if ($("vae").value !== "Automatic") r.override_settings.sd_vae = $("vae").value;
     if (mode === "txt2img") {
       if ($("enable_hr").checked) {
@@ -607,6 +608,45 @@ async function refreshStatus() {
   }
 }
 
+// -- ControlNet: one unit, its module and model from the extension's routes ---------------------
+
+const controlnet = {
+  image: null,  // data: URL of the control image
+
+  async load() {
+    const [mods, models] = await Promise.all([api("/controlnet/module_list"), api("/controlnet/model_list")]).catch((e) => [null, null]);
+    if (!mods) return;
+    fillSelect("cn_module", mods.module_list.map((m) => [m]), true);
+    fillSelect("cn_model", models.model_list.map((m) => [m, m.split(" [")[0]]), true);
+  },
+
+  unit() {
+    if (!this.image && form.mode() === "txt2img") throw new Error("ControlNet: choose a control image, or untick ControlNet");
+    if (!$("cn_model").value) throw new Error("ControlNet: no model under models/ControlNet on the instance");
+    const unit = { enabled: true, module: $("cn_module").value, model: $("cn_model").value, weight: form.num("cn_weight"),
+      guidance_start: form.num("cn_start"), guidance_end: form.num("cn_end"), pixel_perfect: true };
+    if (this.image) unit.image = this.image;  // none in img2img: the extension uses the init image
+    return unit;
+  },
+
+  async setImage(url) {
+    this.image = url;
+    $("cn-image").src = url;
+    $("cn-image").hidden = false;
+    $("cn-map").hidden = true;
+  },
+
+  async preview() {
+    const image = this.image || form.init;
+    if (!image) return showError(new Error("ControlNet: choose a control image first"));
+    try {
+      const r = await api("/controlnet/detect", { method: "POST", body: { controlnet_module: $("cn_module").value, controlnet_input_images: [image] } });
+      $("cn-map").src = "data:image/png;base64," + r.images[0];
+      $("cn-map").hidden = false;
+    } catch (e) { showError(e); }
+  },
+};
+
 // -- wiring ------------------------------------------------------------------------------------
 
 function wire() {
@@ -624,6 +664,9 @@ function wire() {
   $("enable_hr").addEventListener("change", () => { $("hires").open = $("enable_hr").checked; });
   $("init-file").addEventListener("change", (e) => { if (e.target.files[0]) readFile(e.target.files[0]).then((u) => form.setInit(u)).catch(showError); });
   $("init-clear").addEventListener("click", () => form.clearInit());
+  $("cn-file").addEventListener("change", (e) => { if (e.target.files[0]) readFile(e.target.files[0]).then((u) => controlnet.setImage(u)).catch(showError); });
+  $("cn-preview").addEventListener("click", () => controlnet.preview());
+  $("cn_enabled").addEventListener("change", () => { $("controlnet").open = $("cn_enabled").checked; });
   mask.wire();
 
   // Drops: on the image box, the image to start from; anywhere else, PNG info.
@@ -679,6 +722,7 @@ function wire() {
 wire();
 form.modeChanged();
 loadChoices().then(() => form.modeChanged());
+controlnet.load();
 refreshStatus();
 setInterval(refreshStatus, 30000);
 queue.poll(true);
