@@ -214,13 +214,14 @@ def pixel_perfect_resolution(image, width: int, height: int, resize_mode: int) -
 
 def _resize(x, size: tuple[int, int]):
     """A map resized: few colours nearest, binary maps re-binarized (Otsu), else area/cubic."""
-    import cv2
     import numpy as np
 
     mask = None
     if x.ndim == 3 and x.shape[2] == 4:
         x, mask = x[:, :, :3], x[:, :, 3]
     if x.shape[1] != size[0] or x.shape[0] != size[1]:
+        import cv2  # only here: a map already at the generation's size needs no OpenCV (module "none")
+
         smaller = size[0] * size[1] < x.shape[0] * x.shape[1]
         colours = len(np.unique(x.reshape(-1, x.shape[2]), axis=0))
         binary = colours == 2 and x.min() < 16 and x.max() > 240
