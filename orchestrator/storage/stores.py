@@ -26,7 +26,7 @@ import blake3
 from ..errors import StorageError
 from .cache import TransferCache, hash_file
 from .ranged_get import RangedGet
-from .transfer import WORKERS, CorruptBlob, PartFile, Progress, hash_ranges, run_parallel, storage_os_error
+from .transfer import WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, run_parallel, storage_os_error
 
 __all__ = ["BlobStore", "CorruptBlob", "FileStore", "S3Store", "StorageError", "Transfer", "blob_key", "manifest_key",
            "part_size_for"]
@@ -442,7 +442,7 @@ class S3Store:
             return f"{have} bytes where the manifest says {size}"
         reader = self._ranges(digest, f"read back blob {digest[:12]}")
         try:
-            got = hash_ranges(size, download_chunk(size), reader.read_into, progress=progress)
+            got = hash_ranges(size, download_chunk(size), reader.read_into, download_workers(), progress=progress)
         finally:
             reader.close()
         return None if got == digest else f"its bytes hash to {got}"
