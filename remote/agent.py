@@ -180,6 +180,7 @@ class Agent:
         self._config: dict = {}
         self._boot: dict = {}
         self.config_errors: list[str] = []
+        self.watching = False  # True in the watchdog loop (`run`)
 
     # -- files -------------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class Agent:
         raw = read_json(self.dir / "config.json")
         if raw is not None:
             cfg, errors = load_config(raw)
-            if errors and errors != self.config_errors:
+            if errors and errors != self.config_errors and self.watching:  # logged once, by the watchdog
                 for e in errors:
                     self.log(f"config.json: {e}")
             self._config, self.config_errors = cfg, errors
@@ -341,6 +342,7 @@ class Agent:
         self.reserve.ensure()
         self.write("agent.json", {"pid": os.getpid(), "start": process_start(os.getpid()), "started_at": time.time()})
         self.log("watchdog running")
+        self.watching = True
         failures = 0
         reserve_checked = time.monotonic()
         while True:
