@@ -1,12 +1,13 @@
-"""Ranged GETs of one S3 object straight into a caller's buffer.
+"""Ranged GETs of one S3 object, streamed a piece at a time through a small reused buffer.
 
 botocore's get_object builds a new bytes object for every response; for 16 MiB ranges
 that is a fresh allocation (and 4096 page faults) each time, which on a 2-core machine
 cost a pull more kernel time than the transfer. Here each range is a presigned SigV4 GET
 (signed by botocore, so credentials, session tokens and addressing are botocore's) sent
-over a plain http.client keep-alive connection per thread, and read with readinto into
-the caller's reused buffer. Anything unexpected (a redirect, an error status, a proxy in
-the environment, TLS trouble) falls back to botocore for good, so nothing is lost but speed.
+over a plain http.client keep-alive connection per thread, and read with readinto, 1 MiB
+at a time, into the thread's own buffer. Anything unexpected (a redirect, an error status,
+a proxy in the environment, TLS trouble) falls back to botocore for good: nothing is lost
+but speed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import ssl
 import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+from .transfer import Sink, piece_buffer
 
 PRESIGN_S = 900  # each range signs its own URL: a pull longer than this never holds a stale one
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -36,19 +39,19 @@ class RangedGet:
         self._conns: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def read_into(self, start: int, view: memoryview) -> None:
-        """Fill view with the object's bytes from start on (len(view) of them)."""
+    def fetch(self, start: int, length: int, put: Sink) -> None:
+        """put(offset, piece) for every byte of [start, start + length), in order."""
         if self.direct:
             try:
-                self._direct(start, view)
+                self._direct(start, length, put)
                 return
             except (_Unexpected, OSError, http.client.HTTPException, ssl.SSLError, ValueError):
                 self.direct = False  # botocore from now on (it retries, follows redirects, explains errors)
                 self._drop_connection()
-        data = self.fallback(start, len(view))
-        if len(data) != len(view):
-            raise _short(self.key, start, len(data), len(view))
-        view[:] = data
+        data = self.fallback(start, length)
+        if len(data) != length:
+            raise _short(self.key, start, len(data), length)
+        put(start, memoryview(data))
 
     def close(self) -> None:
         with self._lock:
@@ -78,8 +81,8 @@ class RangedGet:
             conn.close()
             self._local.conn = None
 
-    def _direct(self, start: int, view: memoryview) -> None:
-        end = start + len(view) - 1
+    def _direct(self, start: int, length: int, put: Sink) -> None:
+        end = start + length - 1
         url = urlsplit(self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self.key},
                                                           ExpiresIn=PRESIGN_S))
         target = url.path + (f"?{url.query}" if url.query else "")
@@ -96,20 +99,22 @@ class RangedGet:
         if resp.status not in (200, 206):
             resp.read()
             raise _Unexpected(f"HTTP {resp.status}")
-        length = resp.getheader("Content-Length")
+        header = resp.getheader("Content-Length")
         # A 206 must be the range asked for; some servers (rclone) answer a range with 200 and
         # just its bytes: the length tells those apart from a whole object sent instead.
-        if length is None or int(length) != len(view):
+        if header is None or int(header) != length:
             self._drop_connection()
-            raise _Unexpected(f"{length} bytes for a range of {len(view)}")
+            raise _Unexpected(f"{header} bytes for a range of {length}")
         if resp.status == 206 and not (resp.getheader("Content-Range") or "").startswith(f"bytes {start}-{end}/"):
             self._drop_connection()
             raise _Unexpected(f"Content-Range {resp.getheader('Content-Range')!r} for bytes {start}-{end}")
+        buf = piece_buffer()
         got = 0
-        while got < len(view):
-            n = resp.readinto(view[got:])
+        while got < length:
+            n = resp.readinto(buf[: min(len(buf), length - got)])
             if not n:
-                raise _Unexpected(f"the connection closed after {got} of {len(view)} bytes")
+                raise _Unexpected(f"the connection closed after {got} of {length} bytes")
+            put(start + got, buf[:n])
             got += n
 
 

@@ -26,7 +26,8 @@ import blake3
 from ..errors import StorageError
 from .cache import TransferCache, hash_file
 from .ranged_get import RangedGet
-from .transfer import WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, run_parallel, storage_os_error
+from .transfer import (WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, piece_buffer, run_parallel,
+                       storage_os_error)
 
 __all__ = ["BlobStore", "CorruptBlob", "FileStore", "S3Store", "StorageError", "Transfer", "blob_key", "manifest_key",
            "part_size_for"]
@@ -152,23 +153,25 @@ class FileStore:
             os.replace(staging, target)
         return Transfer(got, moved)
 
-    def _reader(self, digest: str) -> tuple[int, Callable[[int, memoryview], None]]:
+    def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
         try:
             fd = os.open(self._blob(digest), os.O_RDONLY)
         except FileNotFoundError:
             raise StorageError(f"blob {digest} is missing from {self.id}") from None
 
-        def read_into(start: int, view: memoryview) -> None:
-            if os.preadv(fd, [view], start) != len(view):
-                raise CorruptBlob(f"blob {digest} in {self.id} is shorter than its manifest says")
+        def fetch(start: int, length: int, put) -> None:
+            buf = piece_buffer()
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [buf[: min(len(buf), length - done)]], start + done)
+                if got <= 0:
+                    raise CorruptBlob(f"blob {digest} in {self.id} is shorter than its manifest says")
+                put(start + done, buf[:got])
+                done += got
 
-        return fd, read_into
-
-    def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
-        fd, read_into = self._reader(digest)
         try:
             part = PartFile(dest, digest, size, download_chunk(size))
-            return part.fill(read_into, progress, self.id, workers=2)
+            return part.fill(fetch, progress, self.id, workers=2)
         finally:
             os.close(fd)
 
@@ -429,7 +432,7 @@ class S3Store:
         reader = self._ranges(digest, f"download {dest.name}")
         part = PartFile(dest, digest, size, download_chunk(size))
         try:
-            return part.fill(reader.read_into, progress, self.id)
+            return part.fill(reader.fetch, progress, self.id)
         finally:
             reader.close()
 
@@ -442,7 +445,7 @@ class S3Store:
             return f"{have} bytes where the manifest says {size}"
         reader = self._ranges(digest, f"read back blob {digest[:12]}")
         try:
-            got = hash_ranges(size, download_chunk(size), reader.read_into, download_workers(), progress=progress)
+            got = hash_ranges(size, download_chunk(size), reader.fetch, download_workers(), progress=progress)
         finally:
             reader.close()
         return None if got == digest else f"its bytes hash to {got}"

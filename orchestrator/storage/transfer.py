@@ -1,36 +1,44 @@
-"""Moving a blob's bytes in parallel ranges while hashing them in order, and downloads into
-a resumable .orch-part file. Shared by both stores (stores.py).
+"""Moving a blob's bytes in parallel ranges and hashing them in order: downloads into a
+resumable .orch-part file, and read-backs that only hash. Shared by both stores (stores.py).
 
-Where a pull's time went (bench/sync.py, 1 GiB, 2 cores): botocore's get_object allocates
-a fresh bytes object per response, and faulting in those pages cost several times the
-kernel time of the transfer itself; the BLAKE3 pass over the whole file came after the
-download, not during it. Here each worker reads into a buffer from a small pool that is
-reused, writes it at its offset, and hands it to the hashing thread, which hashes ranges
-in file order as they arrive and gives the buffer back: verification overlaps the
-download, and memory stays at (workers + 2) x chunk.
+Where a pull's time went (bench/sync.py, 1 GiB, 2 cores, profiled with py-spy, strace and
+perf): botocore's get_object built a fresh bytes object per 16 MiB range; the BLAKE3 pass
+over the whole file came after the download instead of during it; the resume note was
+replaced by rename after every range (ext4 flushes such a file: 6 ms each under load); and
+on this VM, memory the process touches for the first time is slow to fault in, so 16 MiB
+buffers (160 MiB in flight) made the copies into the page cache ten times slower than
+s5cmd's, whose buffers are small and reused. Here each fetcher streams its range through a
+1 MiB buffer of its own (ranged_get.py: readinto on plain http.client connections) and
+writes it in place; this thread hashes the file in order right behind them, reading back
+what the page cache still holds: verification overlaps the download, and the memory is a
+few MiB.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
-import queue
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import blake3
 
 from ..errors import StorageError
 
 Progress = Callable[[int], None]
-ReadInto = Callable[[int, memoryview], None]  # fill the view with the bytes at this offset, or raise
+Sink = Callable[[int, memoryview], None]  # put(offset, bytes at that offset)
+FetchRange = Callable[[int, int, Sink], None]  # fetch(start, length, put): every byte of the range, in order
 
 MIB = 1024 * 1024
 WORKERS = 8
+PIECE = 1 * MIB  # what a fetcher reads and writes at a time: small enough to stay in cache
+
+
+class CorruptBlob(StorageError):
+    pass
 
 
 def download_workers() -> int:
@@ -41,8 +49,20 @@ def download_workers() -> int:
         return WORKERS
 
 
-class CorruptBlob(StorageError):
-    pass
+def new_hasher() -> blake3.blake3:
+    # All cores for the hash when they are free (ORCH_SYNC_HASH_THREADS=1 pins it to one).
+    return blake3.blake3(max_threads=int(os.environ.get("ORCH_SYNC_HASH_THREADS", blake3.blake3.AUTO)))
+
+
+def piece_buffer() -> memoryview:
+    """This thread's reusable piece buffer."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(PIECE))
+    return buf
+
+
+_local = threading.local()
 
 
 def storage_os_error(e: OSError, path: Path) -> StorageError:
@@ -64,118 +84,108 @@ def run_parallel(tasks: list[Callable[[], None]], workers: int = WORKERS) -> Non
             f.result()
 
 
-def hash_ranges(size: int, chunk: int, read_into: ReadInto, workers: int = WORKERS, *,
-                write: Callable[[int, memoryview], None] | None = None, have: set[int] | None = None,
-                read_have: ReadInto | None = None, progress: Progress = lambda n: None) -> str:
-    """BLAKE3 of `size` bytes fetched as chunks in parallel; each chunk is also written, if asked.
+class _Chunks:
+    """Chunks handed to fetcher threads in order; the hasher waits for each in turn.
 
-    Chunk i covers [i*chunk, (i+1)*chunk). Chunks in `have` are not fetched (a resumed
-    download): read_have reads them back for the hash. Workers fetch; this thread hashes in
-    file order; one writer thread writes in that order. One writer, because parallel
-    pwrites to one file contend for its inode lock: 8 writers took 8 s for a GiB here,
-    one took 0.7 s. A worker takes a buffer before it takes the next chunk, so the chunk
-    the hasher waits for always has one: no deadlock.
+    With a gate, a fetcher takes a slot before it takes a chunk (hash_ranges: chunks that
+    arrive early wait in memory, and the slots bound how many).
     """
-    n = max(1, -(-size // chunk)) if size else 0
-    have = have or set()
-    todo = [i for i in range(n) if i not in have]
-    # All cores for the hash: it is the one stage that needs CPU rather than waits (1 GiB took
-    # 3 s of one core on a loaded 2-core machine, while the fetchers waited for buffers).
-    hasher = blake3.blake3(max_threads=int(os.environ.get("ORCH_SYNC_HASH_THREADS", blake3.blake3.AUTO)))
-    workers = max(1, min(workers, len(todo) or 1))
-    take = threading.Lock()
-    # Buffers are made as fetchers first need them, not up front: ten zero-filled 16 MiB
-    # bytearrays took 2.4 s of a loaded 2-core machine before the first byte was asked for.
-    # Anonymous maps: their pages are faulted in by the kernel as the socket fills them.
-    pool: queue.Queue[Any] = queue.Queue()
-    made = [0]
 
-    def get_buffer() -> Any:
-        with take:
-            if pool.empty() and made[0] < workers + 2:
-                made[0] += 1
-                return mmap.mmap(-1, chunk)
-        return pool.get()
-    ready: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
-    to_write: queue.Queue[tuple[int, Any] | None] = queue.Queue()
-    next_todo = iter(todo)
-    stop = threading.Event()
-    failure: list[BaseException] = []
+    def __init__(self, n: int, todo: list[int], gate: threading.Semaphore | None = None):
+        self.n = n
+        self.cond = threading.Condition()
+        self.landed: set[int] = set(range(n)) - set(todo)
+        self.queue = iter(todo)
+        self.gate = gate
+        self.error: BaseException | None = None
 
+    def take(self) -> int | None:
+        if self.gate is not None:
+            self.gate.acquire()
+        with self.cond:
+            index = None if self.error else next(self.queue, None)
+        if index is None and self.gate is not None:
+            self.gate.release()
+        return index
+
+    def landed_one(self, index: int) -> None:
+        with self.cond:
+            self.landed.add(index)
+            self.cond.notify_all()
+
+    def failed(self, e: BaseException) -> None:
+        with self.cond:
+            self.error = self.error or e
+            self.cond.notify_all()
+
+    def wait_for(self, index: int) -> None:
+        with self.cond:
+            while index not in self.landed and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+
+
+def _fetch_all(chunks: _Chunks, size: int, chunk: int, fetch: FetchRange, put: Sink, workers: int,
+               progress: Progress, landed: Callable[[int], None] = lambda i: None) -> list[threading.Thread]:
     def fetcher() -> None:
-        while not stop.is_set():
-            buf = get_buffer()
-            if stop.is_set():
-                return
-            with take:
-                index = next(next_todo, None)
-            if index is None:
-                pool.put(buf)
-                return
-            try:
+        try:
+            while (index := chunks.take()) is not None:
                 start = index * chunk
-                view = memoryview(buf)[: min(chunk, size - start)]
-                read_into(start, view)
-                progress(len(view))
-                ready.put((index, buf, None))
-            except BaseException as e:  # handed to the hasher, which raises it
-                ready.put((index, None, e))
-                return
 
-    def writer() -> None:
-        while (item := to_write.get()) is not None:
-            index, buf = item
-            try:
-                if not failure:
-                    write(index, memoryview(buf)[: min(chunk, size - index * chunk)])  # type: ignore[misc]
-            except BaseException as e:
-                failure.append(e)
-                stop.set()
-            pool.put(buf)
+                def counted(offset: int, piece: memoryview) -> None:
+                    put(offset, piece)
+                    progress(len(piece))
 
-    threads = [threading.Thread(target=fetcher, name=f"fetch-{k}", daemon=True) for k in range(workers if todo else 0)]
-    if write is not None and todo:
-        threads.append(threading.Thread(target=writer, name="write", daemon=True))
+                fetch(start, min(chunk, size - start), counted)
+                landed(index)
+                chunks.landed_one(index)
+        except BaseException as e:  # handed to the hasher, which raises it
+            chunks.failed(e)
+
+    threads = [threading.Thread(target=fetcher, name=f"fetch-{k}", daemon=True) for k in range(workers)]
     for t in threads:
         t.start()
-    arrived: dict[int, Any] = {}
-    spare = bytearray()
+    return threads
+
+
+def hash_ranges(size: int, chunk: int, fetch: FetchRange, workers: int = WORKERS, progress: Progress = lambda n: None) -> str:
+    """BLAKE3 of `size` bytes fetched as chunks in parallel, nothing written (a read-back).
+
+    Chunks that land before their turn wait in memory: workers + 2 of them at most, since a
+    fetcher takes a slot before it takes the next chunk (so the chunk the hasher waits for
+    always has one). Their buffers are reused.
+    """
+    n = max(1, -(-size // chunk)) if size else 0
+    hasher = new_hasher()
+    slots = threading.Semaphore(workers + 2)
+    chunks = _Chunks(n, list(range(n)), gate=slots)
+    held: dict[int, bytearray] = {}
+    free: list[bytearray] = []
+    lock = threading.Lock()
+
+    def put(offset: int, piece: memoryview) -> None:
+        index, start = divmod(offset, chunk)
+        with lock:
+            buf = held.get(index)
+            if buf is None:
+                buf = held[index] = free.pop() if free else bytearray(chunk)
+        buf[start:start + len(piece)] = piece
+
+    threads = _fetch_all(chunks, size, chunk, fetch, put, max(1, min(workers, n)), progress)
     try:
         for i in range(n):
-            length = min(chunk, size - i * chunk)
-            if i in have:
-                if len(spare) < length:
-                    spare = bytearray(length)
-                view = memoryview(spare)[:length]
-                (read_have or read_into)(i * chunk, view)
-                hasher.update(view)
-                continue
-            while i not in arrived:
-                if failure:
-                    raise failure[0]
-                try:
-                    index, buf, error = ready.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if error is not None:
-                    raise error
-                arrived[index] = buf  # type: ignore[assignment]
-            buf = arrived.pop(i)
-            hasher.update(memoryview(buf)[:length])
-            if write is not None:
-                to_write.put((i, buf))
-            else:
-                pool.put(buf)
-        to_write.put(None)
-        for t in threads:
-            t.join()
-        if failure:
-            raise failure[0]
+            chunks.wait_for(i)
+            with lock:
+                buf = held.pop(i)
+            hasher.update(memoryview(buf)[: min(chunk, size - i * chunk)])
+            with lock:
+                free.append(buf)
+            slots.release()
     finally:
-        stop.set()
-        to_write.put(None)
+        chunks.failed(StorageError("stopped"))
         for _ in threads:
-            pool.put(None)  # wakes fetchers waiting for a buffer
+            slots.release()
         for t in threads:
             t.join()
     return hasher.hexdigest()
@@ -189,6 +199,7 @@ class PartFile:
         self.path = dest.with_name(f".{dest.name}.orch-part")
         self.note = dest.with_name(f".{dest.name}.orch-part.json")
         self.digest, self.size, self.chunk = digest, size, chunk
+        self.lock = threading.Lock()
         note = None
         try:
             note = json.loads(self.note.read_text())
@@ -203,8 +214,8 @@ class PartFile:
         try:
             os.ftruncate(fd, size)
             if size and hasattr(os, "posix_fallocate"):
-                # Real blocks up front: parallel chunk writes then land contiguously (2.6x faster
-                # here than a sparse file), and a full disk fails now, not mid-download.
+                # Real blocks up front: parallel writes land contiguously, and a full disk
+                # fails now, not mid-download.
                 os.posix_fallocate(fd, 0, size)
         except OSError as e:
             os.close(fd)
@@ -216,21 +227,18 @@ class PartFile:
         self._note_fd = os.open(self.note, os.O_RDWR | os.O_CREAT, 0o644)
         self._save()
 
-    def _write(self, index: int, view: memoryview) -> None:
-        offset = index * self.chunk
+    def _put(self, offset: int, piece: memoryview) -> None:
         try:
-            while view:
-                written = os.pwrite(self.fd, view, offset)
-                view, offset = view[written:], offset + written
+            while piece:
+                written = os.pwrite(self.fd, piece, offset)
+                piece, offset = piece[written:], offset + written
         except OSError as e:
             raise storage_os_error(e, self.path) from None
-        self.done.add(index)
-        self._save()
 
-    def _read_back(self, start: int, view: memoryview) -> None:
-        got = os.preadv(self.fd, [view], start)
-        if got != len(view):
-            raise StorageError(f"{self.path} is shorter than it should be; delete it and run again")
+    def _landed(self, index: int) -> None:
+        with self.lock:
+            self.done.add(index)
+            self._save()
 
     def _save(self) -> None:
         """Rewrite the note in place, not by rename: ext4 flushes a file replaced by rename (6 ms
@@ -240,8 +248,35 @@ class PartFile:
         os.pwrite(self._note_fd, data, 0)
         os.ftruncate(self._note_fd, len(data))
 
-    def fill(self, read_into: ReadInto, progress: Progress, source: str, workers: int | None = None) -> int:
-        """Fetch every missing chunk, hash the whole file in order as it lands, move it into place.
+    def _download(self, fetch: FetchRange, workers: int, progress: Progress) -> str:
+        """Fetch the chunks not done yet, and hash the whole file in order behind the fetchers."""
+        n = max(1, -(-self.size // self.chunk)) if self.size else 0
+        todo = [i for i in range(n) if i not in self.done]
+        chunks = _Chunks(n, todo)
+        threads = _fetch_all(chunks, self.size, self.chunk, fetch, self._put, max(1, min(workers, len(todo) or 1)),
+                             progress, self._landed) if todo else []
+        hasher = new_hasher()
+        buf = piece_buffer()
+        try:
+            offset = 0
+            for i in range(n):
+                chunks.wait_for(i)
+                end = min(self.size, (i + 1) * self.chunk)
+                while offset < end:  # read back from the page cache, a piece at a time
+                    view = buf[: min(PIECE, end - offset)]
+                    got = os.preadv(self.fd, [view], offset)
+                    if got <= 0:
+                        raise StorageError(f"{self.path} is shorter than it should be; delete it and run again")
+                    hasher.update(view[:got])
+                    offset += got
+        finally:
+            chunks.failed(StorageError("stopped"))  # fetchers still running stop after their range
+            for t in threads:
+                t.join()
+        return hasher.hexdigest()
+
+    def fill(self, fetch: FetchRange, progress: Progress, source: str, workers: int | None = None) -> int:
+        """Fetch every missing chunk, hash the whole file in order, move it into place.
 
         Returns the bytes fetched: fewer than the size when an earlier run left chunks done.
         Nothing is moved into place unless its BLAKE3 is the blob's (CorruptBlob otherwise).
@@ -250,7 +285,7 @@ class PartFile:
         No fsync of the data: it tripled the time of a pull here. The cost, said in the
         README: a power loss within the writeback window can leave a damaged file.
         """
-        before = set(self.done)
+        resumed = bool(self.done)
         fetched = 0
         lock = threading.Lock()
 
@@ -261,13 +296,10 @@ class PartFile:
             progress(nbytes)
 
         try:
-            while True:
-                got = hash_ranges(self.size, self.chunk, read_into, workers or download_workers(), write=self._write,
-                                  have=self.done.copy(), read_have=self._read_back, progress=count)
-                if got == self.digest or not before:
-                    break
-                before = set()
+            got = self._download(fetch, workers or download_workers(), count)
+            if got != self.digest and resumed:
                 self.done = set()
+                got = self._download(fetch, workers or download_workers(), count)
         finally:
             os.close(self.fd)
             os.close(self._note_fd)
