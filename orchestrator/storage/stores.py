@@ -26,7 +26,7 @@ import blake3
 from ..errors import StorageError
 from .cache import TransferCache, hash_file
 from .ranged_get import RangedGet
-from .transfer import (WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, piece_buffer, run_parallel,
+from .transfer import (PIECE, WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, piece_buffer, run_parallel,
                        storage_os_error)
 
 __all__ = ["BlobStore", "CorruptBlob", "FileStore", "S3Store", "StorageError", "Transfer", "blob_key", "manifest_key",
@@ -134,7 +134,9 @@ class FileStore:
                     hasher.update(src.read(min(8 * MIB, done - src.tell())))
                 while chunk := src.read(8 * MIB):
                     hasher.update(chunk)
-                    out.write(chunk)
+                    view = memoryview(chunk)
+                    for at in range(0, len(chunk), PIECE):  # small writes: see transfer.PIECE
+                        out.write(view[at:at + PIECE])
                     moved += len(chunk)
                     progress(len(chunk))
                 out.flush()
