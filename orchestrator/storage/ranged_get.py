@@ -16,7 +16,7 @@ import http.client
 import os
 import ssl
 import threading
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urlsplit
 
 from .transfer import Sink, piece_buffer
@@ -30,9 +30,10 @@ class _Unexpected(Exception):
 
 
 class RangedGet:
-    def __init__(self, client: Any, bucket: str, key: str, fallback: Callable[[int, int], bytes], timeout: float = 120.0):
-        """fallback(start, length) -> bytes: the same range through botocore."""
-        self.client, self.bucket, self.key, self.timeout = client, bucket, key, timeout
+    def __init__(self, presign: Callable[[], str], key: str, fallback: Callable[[int, int], bytes], timeout: float = 120.0):
+        """presign() -> a GET URL of the object signed in its query (SigV4; botocore's or s3light's);
+        fallback(start, length) -> bytes: the same range through botocore."""
+        self.presign, self.key, self.timeout = presign, key, timeout
         self.fallback = fallback
         self.direct = not any(os.environ.get(v) for v in _PROXY_VARS)
         self._local = threading.local()
@@ -83,8 +84,7 @@ class RangedGet:
 
     def _direct(self, start: int, length: int, put: Sink) -> None:
         end = start + length - 1
-        url = urlsplit(self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self.key},
-                                                          ExpiresIn=PRESIGN_S))
+        url = urlsplit(self.presign())
         target = url.path + (f"?{url.query}" if url.query else "")
         for attempt in (1, 2):  # a keep-alive connection the server closed meanwhile: once more on a new one
             conn = self._connection(url.scheme, url.netloc)

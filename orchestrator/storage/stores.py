@@ -25,7 +25,8 @@ import blake3
 
 from ..errors import StorageError
 from .cache import TransferCache, hash_file
-from .ranged_get import RangedGet
+from .ranged_get import PRESIGN_S, RangedGet
+from .s3light import Fallback, LightS3
 from .transfer import (PIECE, WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, piece_buffer, run_parallel,
                        storage_os_error)
 
@@ -241,10 +242,21 @@ def _client_error_code(e: Exception) -> str:
 
 
 class S3Store:
-    def __init__(self, client: Any, bucket: str):
-        self.client = client
+    """A bucket through botocore, built on first use; a pull's reads through `light` where it can
+    (s3light.py: no botocore to import), falling back to botocore on anything unexpected."""
+
+    def __init__(self, client_factory: Callable[[], Any], bucket: str, light: LightS3 | None = None):
+        self._factory = client_factory
+        self._client: Any = None
+        self.light = light
         self.bucket = bucket
         self.id = f"s3://{bucket}"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._factory()
+        return self._client
 
     # -- errors --------------------------------------------------------------------------
 
@@ -428,7 +440,11 @@ class S3Store:
             # Some servers (rclone) answer a ranged GET with 200: the body's length is checked, not the status.
             return r["Body"].read()
 
-        return RangedGet(self.client, self.bucket, key, via_botocore)
+        light = self.light
+        if light is not None:
+            return RangedGet(lambda: light.presign(self.bucket, key), key, via_botocore)
+        return RangedGet(lambda: self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                                    ExpiresIn=PRESIGN_S), key, via_botocore)
 
     def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
         reader = self._ranges(digest, f"download {dest.name}")
@@ -453,21 +469,8 @@ class S3Store:
         return None if got == digest else f"its bytes hash to {got}"
 
     def damaged(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/damaged/"):
-                for obj in page.get("Contents", []):
-                    name = obj["Key"].rsplit("/", 1)[-1]
-                    if name.endswith(".json"):
-                        out[name[: -len(".json")]] = {}
-        except Exception as e:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            if isinstance(e, (ClientError, BotoCoreError)):
-                raise self._explain(e, f"list s3://{self.bucket}") from None
-            raise
-        return out
+        names = (key.rsplit("/", 1)[-1] for key in self._keys(".orch/damaged/"))
+        return {name[: -len(".json")]: {} for name in names if name.endswith(".json")}
 
     def mark_damaged(self, digest: str, problem: str) -> None:
         self._call("mark a damaged blob", self.client.put_object, Bucket=self.bucket, Key=damaged_key(digest),
@@ -479,6 +482,12 @@ class S3Store:
     # -- manifests -----------------------------------------------------------------------
 
     def read_manifest(self, prefix: str) -> dict[str, Any] | None:
+        if self.light is not None:
+            try:
+                body = self.light.get(self.bucket, manifest_key(prefix))
+                return None if body is None else json.loads(body)
+            except (Fallback, ValueError):
+                pass
         from botocore.exceptions import ClientError
 
         try:
@@ -493,20 +502,30 @@ class S3Store:
         self._call("write manifest", self.client.put_object, Bucket=self.bucket, Key=manifest_key(prefix),
                    Body=json.dumps(manifest, indent=1, sort_keys=True).encode(), ContentType="application/json")
 
-    def manifest_prefixes(self) -> list[str]:
-        out = []
+    def _keys(self, prefix: str) -> list[str]:
+        if self.light is not None:
+            try:
+                return self.light.list_keys(self.bucket, prefix)
+            except Fallback:
+                pass
+        keys = []
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/manifests/"):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(".orch/manifests/"):]
-                    if rel.endswith(".json"):
-                        rel = rel[: -len(".json")]
-                        out.append("" if rel == "_root" else rel)
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
         except Exception as e:
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(e, (ClientError, BotoCoreError)):
                 raise self._explain(e, f"list s3://{self.bucket}") from None
             raise
+        return keys
+
+    def manifest_prefixes(self) -> list[str]:
+        out = []
+        for key in self._keys(".orch/manifests/"):
+            rel = key[len(".orch/manifests/"):]
+            if rel.endswith(".json"):
+                rel = rel[: -len(".json")]
+                out.append("" if rel == "_root" else rel)
         return sorted(out)

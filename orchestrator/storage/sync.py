@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from .cache import TransferCache, hash_if_fast
 from .stores import BlobStore, CorruptBlob, FileStore, S3Store, StorageError, part_size_for
+from .s3light import LightS3
 from .transfer import run_parallel
 
 STORE_MARKER = ".orch/store.json"
@@ -156,9 +157,13 @@ def resolved_credentials(endpoint: str | None = None, profile: str | None = None
     return out
 
 
-def open_store(loc: Location, client_factory: Callable[[], Any] | None = None) -> BlobStore:
+def open_store(loc: Location, client_factory: Callable[[], Any] | None = None,
+               credentials: dict[str, str] | None = None) -> BlobStore:
+    """The store at loc. An S3 store reads through s3light where the keys and endpoint are plain
+    (credentials given, or the environment's, when no client_factory is); botocore does the rest."""
     if loc.kind == "s3":
-        return S3Store((client_factory or make_s3_client)(), loc.bucket)
+        light = LightS3.configured(credentials) if credentials or client_factory is None else None
+        return S3Store(client_factory or make_s3_client, loc.bucket, light)
     assert loc.root is not None
     marker = loc.root / STORE_MARKER
     if not marker.exists():
@@ -296,11 +301,11 @@ def plan_pull(store: BlobStore, loc: Location, dst: Path, dst_is_dir: bool = Fal
 
 
 def pull(src: str, dst: str | Path, cache: TransferCache, progress: ProgressSink | None = None,
-         client_factory: Callable[[], Any] | None = None) -> SyncResult:
+         client_factory: Callable[[], Any] | None = None, credentials: dict[str, str] | None = None) -> SyncResult:
     started = time.monotonic()
     progress = progress or NoProgress()
     loc = parse_location(src)
-    store = open_store(loc, client_factory)
+    store = open_store(loc, client_factory, credentials)
     result = SyncResult()
     # "DIR/" means a directory even before it exists, as with `aws s3 cp`.
     dst_is_dir = str(dst).endswith("/")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -39,7 +40,7 @@ WORKERS = 8
 # back to the host, so writing a GiB 1 MiB at a time took 3-4.5 s against 0.25-0.5 s in
 # 32-256 KiB writes (the old 16 MiB writes were the bulk of a pull's time).
 PIECE = 256 * 1024
-READ_BACK = 1 * MIB  # the hasher's reads (they allocate nothing): 1 MiB measured faster than 256 KiB or 4 MiB
+READ_BACK = 1 * MIB  # what the hasher takes at a time
 
 
 class CorruptBlob(StorageError):
@@ -260,23 +261,26 @@ class PartFile:
         threads = _fetch_all(chunks, self.size, self.chunk, fetch, self._put, max(1, min(workers, len(todo) or 1)),
                              progress, self._landed) if todo else []
         hasher = new_hasher()
-        buf = memoryview(bytearray(READ_BACK))
+        # The hash reads the page cache through a map of the file: no copy (a read into a
+        # buffer cost a second pass over every byte, a third of the hasher's time here).
+        mapped = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ) if self.size else None
+        view = memoryview(mapped) if mapped is not None else memoryview(b"")
         try:
             offset = 0
             for i in range(n):
                 chunks.wait_for(i)
                 end = min(self.size, (i + 1) * self.chunk)
-                while offset < end:  # read back from the page cache, a piece at a time
-                    view = buf[: min(READ_BACK, end - offset)]
-                    got = os.preadv(self.fd, [view], offset)
-                    if got <= 0:
-                        raise StorageError(f"{self.path} is shorter than it should be; delete it and run again")
-                    hasher.update(view[:got])
-                    offset += got
+                while offset < end:
+                    step = min(READ_BACK, end - offset)
+                    hasher.update(view[offset:offset + step])
+                    offset += step
         finally:
             chunks.failed(StorageError("stopped"))  # fetchers still running stop after their range
             for t in threads:
                 t.join()
+            view.release()
+            if mapped is not None:
+                mapped.close()
         return hasher.hexdigest()
 
     def fill(self, fetch: FetchRange, progress: Progress, source: str, workers: int | None = None) -> int:
