@@ -48,11 +48,14 @@ class CorruptBlob(StorageError):
 
 
 def download_workers() -> int:
-    """Ranges in flight per download (ORCH_SYNC_WORKERS overrides: more for a long, fat link)."""
+    """Ranges in flight per download: 2 per CPU, 8 at most (ORCH_SYNC_WORKERS overrides: more
+    for a long, fat link). On 2 CPUs, 4 pulled a GiB in 2.77 s where 8 took 3.05 s (medians of
+    5 against the same local server: more streams only made the CPUs switch more)."""
+    default = min(WORKERS, 2 * (os.cpu_count() or 1))
     try:
-        return max(1, int(os.environ.get("ORCH_SYNC_WORKERS", WORKERS)))
+        return max(1, int(os.environ.get("ORCH_SYNC_WORKERS", default)))
     except ValueError:
-        return WORKERS
+        return default
 
 
 def new_hasher() -> blake3.blake3:
