@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import DurationError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+# orch exists to stop what is not used: a deadline further out than this is a typo.
+MAX_SECONDS = 30 * 86400.0
 
 
 def parse_duration(text: str | int | float, *, what: str = "duration") -> float:
-    """Seconds in `text`. Zero, negative and unparsable values are errors, never 'forever'."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
+    """Seconds in `text`. Zero, negative, unparsable, infinite and absurd values are errors, never 'forever'."""
+    if isinstance(text, bool):
+        raise DurationError(f"{what}: {text!r} is not a duration; write it like 90s, 15m or 8h")
+    if isinstance(text, (int, float)):
         seconds = float(text)
+        if not math.isfinite(seconds):
+            raise DurationError(f"{what}: {text!r} is not a duration; write it like 90s, 15m or 8h")
     else:
         s = str(text).strip().lower().replace(" ", "")
         if not s:
@@ -31,6 +38,9 @@ def parse_duration(text: str | int | float, *, what: str = "duration") -> float:
             raise DurationError(f"{what}: cannot read {text!r}; write it like 90s, 15m, 8h or 1h30m")
     if seconds <= 0:
         raise DurationError(f"{what}: {text!r} is not positive; write a positive duration like 90s, 15m or 8h")
+    if seconds > MAX_SECONDS:
+        raise DurationError(f"{what}: {text!r} is longer than 30d; orch stops what is not used, so a deadline "
+                            f"that far is refused (`orch extend` moves one later while the instance runs)")
     return seconds
 
 

@@ -79,11 +79,17 @@ def public_key_line(private_key_path: Path) -> str:
 
 
 class SshSession:
-    """One authenticated SSH connection to an instance."""
+    """One authenticated SSH connection to an instance; `with` closes it."""
 
     def __init__(self, transport: paramiko.Transport, endpoint: SshEndpoint):
         self.transport = transport
         self.endpoint = endpoint
+
+    def __enter__(self) -> "SshSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def connect(

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import protocol
 from ._files import pid_alive as _pid_alive
 from ._files import read_json as _read_json
 
@@ -34,11 +35,11 @@ def spawn_detached(argv: list[str], log_path: Path, cwd: Path) -> int:
     return proc.pid
 
 
-def server_info(home: Path) -> dict:
+def server_info(home: Path) -> protocol.ServerInfo:
     info = _read_json(home / "server.json") or {}
     pid = info.get("pid")
     alive = bool(pid) and _pid_alive(pid)
-    result: dict = {"alive": alive, "pid": pid if alive else None, "port": info.get("port") if alive else None, "health": None}
+    result: protocol.ServerInfo = {"alive": alive, "pid": pid if alive else None, "port": info.get("port") if alive else None, "health": None}
     if alive and info.get("port"):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{info['port']}/healthz", timeout=5) as r:
@@ -138,24 +139,33 @@ def cmd_server_info(home: Path, args) -> dict:
     return server_info(home)
 
 
+COMMANDS = {
+    protocol.CHECK_DEPS: cmd_check_deps,
+    protocol.START_SERVER: cmd_start_server,
+    protocol.WAIT_SERVER: cmd_wait_server,
+    protocol.STOP_SERVER: cmd_stop_server,
+    protocol.SERVER_INFO: cmd_server_info,
+    protocol.HEARTBEAT: cmd_heartbeat,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m remote.ctl")
     parser.add_argument("--home", required=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check-deps")
-    p = sub.add_parser("start-server")
+    sub.add_parser(protocol.CHECK_DEPS)
+    p = sub.add_parser(protocol.START_SERVER)
     p.add_argument("--device", default=None)
-    p = sub.add_parser("wait-server")
+    p = sub.add_parser(protocol.WAIT_SERVER)
     p.add_argument("--timeout", type=float, default=600)
-    sub.add_parser("stop-server")
-    sub.add_parser("server-info")
-    p = sub.add_parser("heartbeat")
+    sub.add_parser(protocol.STOP_SERVER)
+    sub.add_parser(protocol.SERVER_INFO)
+    p = sub.add_parser(protocol.HEARTBEAT)
     p.add_argument("client")
     args = parser.parse_args(argv)
     home = Path(os.path.expanduser(args.home))
     home.mkdir(parents=True, exist_ok=True)
-    handler = globals()["cmd_" + args.command.replace("-", "_")]
-    print(json.dumps(handler(home, args)))
+    print(json.dumps(COMMANDS[args.command](home, args)))
 
 
 if __name__ == "__main__":

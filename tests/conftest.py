@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _only_loopback(monkeypatch):
+    """boto3 looks for credentials on EC2's metadata address (169.254.169.254) last: never from tests."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 @pytest.fixture
 def orch_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "orch-home"
@@ -110,3 +116,33 @@ def sshd(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fake_provider():
+    """An in-memory provider (tests/helpers/fake_provider.py), known to the registry as `fake`."""
+    from orchestrator.providers import registry
+    from tests.helpers.fake_provider import FakeProvider
+
+    registry.REGISTRY["fake"] = registry.ProviderEntry("fake", "an in-memory test provider", None)
+    yield FakeProvider()
+    registry.REGISTRY.pop("fake", None)
+
+
+@pytest.fixture
+def mock_transport():
+    """httpx.MockTransport from a handler, plus the requests it saw: the seam REST providers are tested through."""
+    import httpx
+
+    def make(handler):
+        seen: list[httpx.Request] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return handler(request)
+
+        transport = httpx.MockTransport(record)
+        transport.requests = seen  # type: ignore[attr-defined]
+        return transport
+
+    return make

@@ -1,26 +1,13 @@
-"""Provider registry: a name from orch.yaml or --provider → a Provider object."""
+"""Providers: where instances come from. The lifecycle uses only these public names.
 
-from __future__ import annotations
+    base.py          the Provider protocol and the data types that cross the seam
+    capabilities.py  optional abilities as protocols that carry their methods
+    errors.py        the ProviderError tree (vendor errors are translated at the edge)
+    registry.py      the one list of provider names; lazy imports
+    _http.py         the REST client the HTTP providers share
+    local/ ssh/      one package per provider: settings.py, provider.py, make()
+"""
 
-from pathlib import Path
+from .registry import AVAILABLE, PROVIDER_NAMES, make_provider
 
-from ..config import PROVIDERS, ConfigError, Settings
-from .base import Provider, UnsupportedOperation
-
-IMPLEMENTED = ("local", "ssh")
-
-
-def make_provider(name: str, settings: Settings, home: Path) -> Provider:
-    if name not in PROVIDERS:
-        raise ConfigError(f"unknown provider {name!r}; valid providers: {', '.join(PROVIDERS)}")
-    if name == "local":
-        from .local import LocalProvider
-
-        return LocalProvider(home / "local", price_per_hour=settings.local.price_per_hour, python=settings.local.python or None)
-    if name == "ssh":
-        from .ssh import SshHostProvider
-
-        return SshHostProvider(settings.ssh, known_hosts=home / "known_hosts", price_per_hour=settings.ssh.price_per_hour)
-    raise UnsupportedOperation(
-        f"provider {name!r} is not available in this version of orch yet; available: {', '.join(IMPLEMENTED)}"
-    )
+__all__ = ["AVAILABLE", "PROVIDER_NAMES", "make_provider"]

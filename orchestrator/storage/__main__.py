@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("dst")
     parser.add_argument("--cache", required=True)
     parser.add_argument("--creds-stdin", action="store_true")
+    parser.add_argument("--exclude", action="append", default=[], help="push: leave out paths matching this glob")
     args = parser.parse_args()
     creds = json.loads(sys.stdin.read() or "{}") if args.creds_stdin else {}
     cache = TransferCache(Path(args.cache).expanduser())
@@ -31,7 +32,7 @@ def main() -> None:
         if args.direction == "pull":
             result = pull(args.src, args.dst, cache, client_factory=factory, credentials=creds or None)
         else:
-            result = push(Path(args.src).expanduser(), args.dst, cache, client_factory=factory)
+            result = push(Path(args.src).expanduser(), args.dst, cache, client_factory=factory, exclude=args.exclude)
     except StorageError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(1)

@@ -102,6 +102,14 @@ class BlobStore(Protocol):
 
     def manifest_prefixes(self) -> list[str]: ...
 
+    def delete_manifest(self, prefix: str) -> None: ...
+
+    def delete_blob(self, digest: str) -> None: ...
+
+    def touch_blob(self, digest: str) -> None: ...
+
+    def list_blobs(self) -> list[tuple[str, int, float]]: ...
+
 
 # ---------------------------------------------------------------------------------------
 # A plain directory
@@ -231,6 +239,31 @@ class FileStore:
             rel = str(p.relative_to(base))[: -len(".json")]
             out.append("" if rel == "_root" else rel)
         return sorted(out)
+
+    # -- removal (orch image rm / gc) ----------------------------------------------------
+
+    def delete_manifest(self, prefix: str) -> None:
+        (self.root / manifest_key(prefix)).unlink(missing_ok=True)
+
+    def delete_blob(self, digest: str) -> None:
+        self._blob(digest).unlink(missing_ok=True)
+
+    def touch_blob(self, digest: str) -> None:
+        """Mark a blob as just used (a push that found it already there), so garbage collection spares it."""
+        try:
+            os.utime(self._blob(digest))
+        except FileNotFoundError:
+            pass
+
+    def list_blobs(self) -> list[tuple[str, int, float]]:
+        """(hash, size, last modified) of every blob."""
+        base = self.root / ".orch" / "blobs"
+        out = []
+        for p in base.rglob("*") if base.exists() else []:
+            if p.is_file() and not p.name.startswith("."):
+                st = p.stat()
+                out.append((p.name, st.st_size, st.st_mtime))
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,3 +562,33 @@ class S3Store:
                 rel = rel[: -len(".json")]
                 out.append("" if rel == "_root" else rel)
         return sorted(out)
+
+    # -- removal (orch image rm / gc) ----------------------------------------------------
+
+    def delete_manifest(self, prefix: str) -> None:
+        self._call("delete manifest", self.client.delete_object, Bucket=self.bucket, Key=manifest_key(prefix))
+
+    def delete_blob(self, digest: str) -> None:
+        self._call("delete blob", self.client.delete_object, Bucket=self.bucket, Key=blob_key(digest))
+
+    def touch_blob(self, digest: str) -> None:
+        """Mark a blob as just used (its LastModified becomes now: a copy onto itself), so garbage collection spares it."""
+        key = blob_key(digest)
+        self._call("touch blob", self.client.copy_object, Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                   MetadataDirective="REPLACE", Metadata={"orch-touched": str(int(time.time()))})
+
+    def list_blobs(self) -> list[tuple[str, int, float]]:
+        """(hash, size, last modified) of every blob."""
+        out = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/blobs/"):
+                for obj in page.get("Contents", []):
+                    out.append((obj["Key"].rsplit("/", 1)[-1], obj["Size"], obj["LastModified"].timestamp()))
+        except Exception as e:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, (ClientError, BotoCoreError)):
+                raise self._explain(e, f"list s3://{self.bucket}") from None
+            raise
+        return out

@@ -9,12 +9,13 @@ instance alike: it imports nothing laptop-only.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 from urllib.parse import urlparse
 
 from .cache import TransferCache, hash_if_fast
@@ -179,24 +180,30 @@ def _safe_name(name: str) -> str:
     return str(p)
 
 
-def _local_files(src: Path) -> list[tuple[str, Path]]:
+def _local_files(src: Path, exclude: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """Files under src by relative POSIX path; a path (or a folder's path) matching an exclude glob is left out."""
+    def excluded(rel: str) -> bool:
+        return any(fnmatch.fnmatchcase(rel, pattern) for pattern in exclude)
+
     out = []
     for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if d != ".orch")
+        base = PurePosixPath(*Path(root).relative_to(src).parts)
+        dirs[:] = sorted(d for d in dirs if d != ".orch" and not excluded(str(base / d)))
         for f in sorted(files):
-            if f.endswith(PARTIAL_SUFFIXES):
+            if f.endswith(PARTIAL_SUFFIXES) or excluded(str(base / f)):
                 continue
             path = Path(root) / f
             if path.is_file():
-                out.append((str(PurePosixPath(*path.relative_to(src).parts)), path))
+                out.append((str(base / f), path))
     return out
 
 
 def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | None = None,
-         client_factory: Callable[[], Any] | None = None, repair: bool = False) -> SyncResult:
-    """Upload what the store lacks. A blob marked damaged (by verify, or a pull that found it
-    corrupt) is uploaded again; repair=True also reads back every blob the files have in the
-    store and uploads again any that does not hash right."""
+         client_factory: Callable[[], Any] | None = None, repair: bool = False,
+         exclude: Sequence[str] = ()) -> SyncResult:
+    """Upload what the store lacks (files matching an exclude glob left out). A blob marked damaged
+    (by verify, or a pull that found it corrupt) is uploaded again; repair=True also reads back every
+    blob the files have in the store and uploads again any that does not hash right."""
     started = time.monotonic()
     progress = progress or NoProgress()
     loc = parse_location(dst)
@@ -208,7 +215,7 @@ def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | Non
             parent = str(PurePosixPath(loc.prefix).parent)
             manifest_prefix, files = ("" if parent == "." else parent), [(PurePosixPath(loc.prefix).name, src)]
     elif src.is_dir():
-        manifest_prefix, files = loc.prefix, _local_files(src)
+        manifest_prefix, files = loc.prefix, _local_files(src, exclude)
     else:
         raise StorageError(f"{src} does not exist")
 

@@ -34,6 +34,10 @@ def main() -> None:
         os.environ.setdefault("ORCH_PRECOMPILED_DIR", str(cache / "precompiled"))
     else:
         del os.environ["ORCH_PRECOMPILED_DIR"]
+    # Models load from disk only: no Hugging Face Hub calls, even for a missing config.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from .startup import prepare
 
     prepare(home)  # bytecode and package-metadata caches; before torch and diffusers are imported
@@ -44,7 +48,8 @@ def main() -> None:
 
     import uvicorn
 
-    from .app import ServerConfig, create_app
+    from .app import create_app
+    from .settings import ServerSettings
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,7 +63,7 @@ def main() -> None:
     tmp.write_text(json.dumps({"pid": os.getpid(), "port": port}))
     tmp.replace(info)
 
-    app = create_app(ServerConfig(token=token, models_dir=home / "models", state_dir=home, device=args.device))
+    app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     from .agent_guard import start_agent_guard

@@ -17,7 +17,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-log = logging.getLogger("orch.server")
+from .models.types import JobCancelled
+from .previews import Preview
+
+log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8)
 
@@ -34,6 +37,11 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     gpu_idle_before: float = 0.0  # how long the worker had been idle when this job's batch began
+    cancel: threading.Event | None = None  # set when the request's client went away
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ProgressState:
     interrupted: bool = False
     skipped: bool = False
     job: str = ""
+    job_timestamp: str = "0"
 
     def as_a1111(self) -> dict[str, Any]:
         frac = self.sampling_step / self.sampling_steps if self.sampling_steps else 0.0
@@ -53,8 +62,8 @@ class ProgressState:
         return {
             "progress": round(frac, 4),
             "eta_relative": round(eta, 3),
-            "state": {"skipped": self.skipped, "interrupted": self.interrupted, "job": self.job,
-                      "job_count": self.job_count, "job_timestamp": "0", "job_no": 0,
+            "state": {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": self.interrupted,
+                      "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp, "job_no": 0,
                       "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps},
             "current_image": None,
             "textinfo": None,
@@ -82,6 +91,8 @@ class Engine:
         self._queue: "queue.Queue[Job]" = queue.Queue()
         self._pending: list[Job] = []
         self.progress = ProgressState()
+        self.preview = Preview()
+        self._current: list[Job] = []
         self._interrupt = threading.Event()
         self.busy = False
         self.batches = 0
@@ -119,6 +130,11 @@ class Engine:
     def interrupt(self) -> None:
         self.progress.interrupted = True
         self._interrupt.set()
+
+    def cancelled(self) -> bool:
+        """Whether every request of the running batch has been given up by its client."""
+        current = self._current
+        return bool(current) and all(j.cancelled for j in current)
 
     def step(self, step: int, steps: int) -> bool:
         """Called by the pipeline after each denoising step; True when asked to stop early."""
@@ -203,13 +219,24 @@ class Engine:
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
+            live = [j for j in batch if not j.cancelled]
+            for job in batch:
+                if job.cancelled and not job.future.done():  # its client left while it waited
+                    job.future.set_exception(JobCancelled("the client went away before the job started"))
+            if not live:
+                continue
+            batch = live
+            self._current = batch
             self.busy = True
             self._interrupt.clear()
             began = time.monotonic()
             for job in batch:
                 job.started = began
                 job.gpu_idle_before = began - self._last_batch_end
-            self.progress = ProgressState(job_count=len(batch), started=time.monotonic(), job=batch[0].kind)
+            self.progress = ProgressState(job_count=len(batch), started=time.monotonic(), job=batch[0].kind,
+                                          job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+            if batch[0].kind != "call":
+                self.preview.clear()
             try:
                 if batch[0].kind == "call":
                     results = batch[0].run(batch)  # type: ignore[misc]
@@ -226,6 +253,7 @@ class Engine:
                         job.future.set_exception(e)
             finally:
                 self.busy = False
+                self._current = []
                 self._last_batch_end = time.monotonic()
                 self._waiting_at_batch_end = sum(1 for j in self._pending if not j.background) + self._queue.qsize()
                 if batch[0].kind != "call":

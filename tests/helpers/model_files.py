@@ -77,3 +77,15 @@ def build_tiny_sdxl(seed: int = 0):
     return StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
                                      text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
                                      tokenizer=_tokenizer(), tokenizer_2=_tokenizer(), scheduler=scheduler)
+
+
+def write_tiny_esrgan(path: Path, scale: int = 4, seed: int = 0) -> Path:
+    """An ESRGAN (RRDBNet) upscaler with tiny random weights, in the layout spandrel recognises."""
+    import torch
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

@@ -25,7 +25,7 @@ def test_yaml_and_env(tmp_path):
     cfg = tmp_path / "orch.yaml"
     cfg.write_text("provider: ssh\nssh: {host: box, user: me}\ndeadlines: {idle: 5m, budget: 3}\nmodels: [s3://b/m.safetensors]\n")
     s = load_settings(cfg, environ={})
-    assert s.provider == "ssh" and s.ssh.host == "box" and s.deadlines.idle == 300 and s.deadlines.budget == 3
+    assert s.provider == "ssh" and s.provider_settings("ssh").host == "box" and s.deadlines.idle == 300 and s.deadlines.budget == 3
     assert s.models == ("s3://b/m.safetensors",)
     assert load_settings(cfg, environ={"ORCH_PROVIDER": "local"}).provider == "local"
 

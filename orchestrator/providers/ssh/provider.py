@@ -15,20 +15,21 @@ from pathlib import Path
 
 import paramiko
 
-from ..config import SshHostSettings
-from ..ssh import HostKeyMismatch, SshError, SshSession, sh_path
-from .base import (
+from ...ssh import HostKeyMismatch, SshError, SshSession, sh_path
+from ..base import (
     AuthError,
     Capabilities,
     Instance,
     InstanceSpec,
     InstanceStatus,
+    InsufficientCapacity,
     NotFound,
     Offer,
     ProviderError,
     RemoteRuntime,
     SshEndpoint,
 )
+from .settings import Settings
 
 MARKER_ENV = "ORCH_SSH_INSTANCE"
 
@@ -38,24 +39,22 @@ if tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -qxF "$MARK"; then echo "$pid"
 
 
 class SshHostProvider:
+    """Implements Provider and ReportsStopReason."""
+
     name = "ssh"
     capabilities = Capabilities(
-        can_stop=True,
-        can_start=True,
-        native_images=False,
-        port_forwarding=True,
-        prices_before_create=True,
         powers_off_host=False,
-        reports_stop_reason=True,
+        user_sets_price=True,
         regions=("ssh",),
+        reasons={"powers_off_host": "orch never powers off a host you own: stop ends orch's processes there"},
     )
 
-    def __init__(self, settings: SshHostSettings, known_hosts: Path, price_per_hour: float = 0.0):
+    def __init__(self, settings: Settings, known_hosts: Path):
         if not settings.host or not settings.user:
             raise ProviderError("ssh provider: set ssh.host and ssh.user (and ssh.key, ssh.port) in orch.yaml")
         self.settings = settings
         self.known_hosts = known_hosts
-        self.price_per_hour = price_per_hour
+        self.price_per_hour = settings.price_per_hour
         self.endpoint = SshEndpoint(settings.host, settings.port, settings.user, str(Path(settings.key).expanduser()))
 
     # -- helpers -----------------------------------------------------------------------
@@ -129,10 +128,12 @@ class SshHostProvider:
         return [offer]
 
     def create(self, spec: InstanceSpec) -> Instance:
-        session = self._session()
-        try:
+        here = f"{self.settings.user}@{self.settings.host}:{self.settings.port}"
+        if spec.offer.offer_id and spec.offer.offer_id != here:
+            raise InsufficientCapacity(f"offer {spec.offer.offer_id} is not this host ({here}); `orch offers --provider ssh`")
+        with self._session() as session:
             home = sh_path(self._home(spec.name))
-            meta = json.dumps({"name": spec.name, "created_at": time.time(), "price_per_hour": spec.offer.price_per_hour,
+            meta = json.dumps({"name": spec.name, "created_at": time.time(), "price_per_hour": spec.offer.price_per_hour or 0.0,
                                "gpu": spec.offer.gpu, "tags": dict(spec.tags)})
             self._run(session, f"mkdir -p {home} && chmod 700 {home}")
             session.put_bytes(meta.encode(), f"{self._home(spec.name)}/meta.json")
@@ -140,8 +141,6 @@ class SshHostProvider:
                 session.put_bytes(spec.startup_script.encode(), f"{self._home(spec.name)}/startup.sh", mode=0o700)
             self._boot(session, spec.name)
             return self._instance(spec.name, session)
-        finally:
-            session.close()
 
     def _boot(self, session: SshSession, name: str) -> None:
         home = sh_path(self._home(name))
@@ -149,30 +148,21 @@ class SshHostProvider:
         self._run(session, f"touch {home}/active; if [ -f {home}/startup.sh ]; then {env} nohup setsid sh {home}/startup.sh >> {home}/startup.log 2>&1 < /dev/null & fi")
 
     def start(self, instance_id: str) -> Instance:
-        session = self._session()
-        try:
+        with self._session() as session:
             self._instance(instance_id, session)  # NotFound when it does not exist
             self._boot(session, instance_id)
             return self._instance(instance_id, session)
-        finally:
-            session.close()
 
     def stop(self, instance_id: str) -> Instance:
-        session = self._session()
-        try:
+        with self._session() as session:
             self._instance(instance_id, session)
             self._run(session, self._stop_script(instance_id))
             return self._instance(instance_id, session)
-        finally:
-            session.close()
 
     def terminate(self, instance_id: str) -> Instance:
         instance = self.stop(instance_id)
-        session = self._session()
-        try:
+        with self._session() as session:
             self._run(session, f"rm -rf {sh_path(self._home(instance_id))}")
-        finally:
-            session.close()
         return Instance(provider=self.name, instance_id=instance_id, name=instance_id, status=InstanceStatus.TERMINATED,
                         raw_status="removed", price_per_hour=instance.price_per_hour, created_at=instance.created_at)
 
@@ -184,14 +174,11 @@ class SshHostProvider:
                 raise
             return Instance(provider=self.name, instance_id=instance_id, name=instance_id, status=InstanceStatus.UNKNOWN,
                             raw_status=f"unreachable: {e}")
-        try:
+        with session:
             return self._instance(instance_id, session)
-        finally:
-            session.close()
 
     def list(self) -> list[Instance]:
-        session = self._session()
-        try:
+        with self._session() as session:
             out = self._run(session, f"ls -1 {sh_path(self.settings.workdir)} 2>/dev/null; true")
             found = []
             for name in out.split():
@@ -200,8 +187,6 @@ class SshHostProvider:
                 except (NotFound, SshError, ValueError):
                     continue
             return found
-        finally:
-            session.close()
 
     def runtime(self, name: str) -> RemoteRuntime:
         return RemoteRuntime(python=self.settings.python, code_on_path=False, home=self._home(name), env={MARKER_ENV: name})
@@ -210,22 +195,25 @@ class SshHostProvider:
         return self._stop_script(name)
 
     def _stop_script(self, name: str) -> str:
-        """End every orch process of the instance (never the host): TERM, up to 10 s, then KILL."""
+        """End every orch process of the instance (never the host): TERM, up to 10 s, then KILL.
+
+        It waits on the pids it found, not on a new scan: run by the agent (itself marked), a
+        scan would always find the agent and this script's own subshells and wait the full 10 s.
+        """
         home = sh_path(self._home(name))
         return (f"rm -f {home}/active; MARK={MARKER_ENV}={shlex.quote(name)}; pids=$({_FIND_PIDS}); "
                 f"[ -n \"$pids\" ] && kill -TERM $pids 2>/dev/null; "
-                f"i=0; while [ $i -lt 100 ]; do pids=$({_FIND_PIDS}); [ -z \"$pids\" ] && break; sleep 0.1; i=$((i+1)); done; "
+                f"i=0; while [ $i -lt 100 ]; do alive=; for p in $pids; do kill -0 $p 2>/dev/null && "
+                f"[ \"$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -c1)\" != Z ] && alive=1; done; "
+                f"[ -z \"$alive\" ] && break; sleep 0.1; i=$((i+1)); done; "
                 f"pids=$({_FIND_PIDS}); [ -n \"$pids\" ] && kill -KILL $pids 2>/dev/null; true")
 
     def stop_reason(self, instance_id: str) -> str | None:
         try:
-            session = self._session()
+            with self._session() as session:
+                out = self._run(session, f"cat {sh_path(self._home(instance_id))}/agent/stopped.json 2>/dev/null; true")
         except ProviderError:
             return None
-        try:
-            out = self._run(session, f"cat {sh_path(self._home(instance_id))}/agent/stopped.json 2>/dev/null; true")
-        finally:
-            session.close()
         try:
             return json.loads(out).get("reason") if out.strip() else None
         except json.JSONDecodeError:

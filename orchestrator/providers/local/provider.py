@@ -20,11 +20,12 @@ from pathlib import Path
 
 import psutil
 
-from .base import (
+from ..base import (
     Capabilities,
     Instance,
     InstanceSpec,
     InstanceStatus,
+    InsufficientCapacity,
     InvalidState,
     NotFound,
     Offer,
@@ -32,7 +33,7 @@ from .base import (
     RemoteRuntime,
     SshEndpoint,
 )
-from .local_instance import MARKER_ENV, instance_environment
+from .instance import MARKER_ENV, instance_environment
 
 BOOT_TIMEOUT_S = 30.0
 STOP_GRACE_S = 10.0
@@ -78,7 +79,10 @@ def stop_instance_dir(instance_dir: Path, grace_s: float = STOP_GRACE_S) -> None
     meta = json.loads((instance_dir / "meta.json").read_text())
     me = os.getpid()
     alive = end_processes(instance_processes(meta["instance_id"], exclude_pid=me), grace_s)
-    (instance_dir / "sshd.json").unlink(missing_ok=True)
+    try:
+        (instance_dir / "sshd.json").unlink(missing_ok=True)
+    except OSError:
+        pass  # a full or read-only disk: the file names a pid that no longer runs, which reads as stopped
     if alive:
         raise ProviderError(f"local instance {meta['instance_id']}: processes {[p.pid for p in alive]} did not end")
 
@@ -98,17 +102,10 @@ def detect_gpu() -> str:
 
 
 class LocalProvider:
+    """Implements Provider and ReportsStopReason."""
+
     name = "local"
-    capabilities = Capabilities(
-        can_stop=True,
-        can_start=True,
-        native_images=False,
-        port_forwarding=True,
-        prices_before_create=True,
-        powers_off_host=True,
-        reports_stop_reason=True,
-        regions=("local",),
-    )
+    capabilities = Capabilities(user_sets_price=True, regions=("local",))
 
     def __init__(self, root: Path, price_per_hour: float = 0.0, python: str | None = None):
         self.root = root
@@ -159,7 +156,7 @@ class LocalProvider:
         startup = d / "disk" / ".orch" / "startup.sh"
         if startup.exists():
             self._spawn(d, ["/bin/sh", str(startup)], "startup.log")
-        proc = self._spawn(d, [self.python, "-m", "orchestrator.providers.local_instance", str(d)], "sshd.log")
+        proc = self._spawn(d, [self.python, "-m", "orchestrator.providers.local.instance", str(d)], "sshd.log")
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while time.monotonic() < deadline:
             info = self._sshd(d)
@@ -174,7 +171,7 @@ class LocalProvider:
 
     def _instance(self, d: Path) -> Instance:
         meta = json.loads((d / "meta.json").read_text())
-        info = self._sshd(d)
+        info = self._sshd(d) if (d / "host_key").exists() else None
         if info:
             status = InstanceStatus.RUNNING
             ssh = SshEndpoint(host="127.0.0.1", port=info["port"], user=os.environ.get("USER", "orch"), key_path="")
@@ -210,21 +207,18 @@ class LocalProvider:
     def create(self, spec: InstanceSpec) -> Instance:
         import asyncssh  # only to write the instance's host key
 
+        here = detect_gpu()
+        if spec.offer.region != "local" or spec.offer.gpu != here:
+            raise InsufficientCapacity(f"this machine has no {spec.offer.gpu} in {spec.offer.region} (it has {here})")
         instance_id = "loc-" + secrets.token_hex(4)
         d = self.root / instance_id
-        (d / "disk" / ".orch").mkdir(parents=True)
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        key.write_private_key(str(d / "host_key"))
-        os.chmod(d / "host_key", 0o600)
-        key.write_public_key(str(d / "host_key.pub"))
-        (d / "authorized_keys").write_text(spec.ssh_public_key.strip() + "\n")
-        if spec.startup_script:
-            (d / "disk" / ".orch" / "startup.sh").write_text(spec.startup_script)
+        d.mkdir(parents=True)
+        # The tags land first, so an instance whose creator died at any later point is still found by them.
         meta = {
             "instance_id": instance_id,
             "name": spec.name,
             "created_at": time.time(),
-            "price_per_hour": spec.offer.price_per_hour,
+            "price_per_hour": spec.offer.price_per_hour or 0.0,
             "gpu": spec.offer.gpu,
             "python": self.python,
             "tags": dict(spec.tags),
@@ -233,8 +227,17 @@ class LocalProvider:
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, d / "meta.json")
         try:
+            (d / "disk" / ".orch").mkdir(parents=True)
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            key.write_private_key(str(d / "host_key"))
+            os.chmod(d / "host_key", 0o600)
+            key.write_public_key(str(d / "host_key.pub"))
+            (d / "authorized_keys").write_text(spec.ssh_public_key.strip() + "\n")
+            if spec.startup_script:
+                (d / "disk" / ".orch" / "startup.sh").write_text(spec.startup_script)
             self._boot(d)
         except BaseException:
+            end_processes(instance_processes(instance_id), grace_s=2)
             shutil.rmtree(d, ignore_errors=True)
             raise
         return self._instance(d)

@@ -1,0 +1,1 @@
+"""A1111's HTTP API: wire models (protocol.py) and one router per area."""
