@@ -8,6 +8,7 @@ remote/ travel here; the rest of orch's instance code arrives over SSH.
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -42,18 +43,31 @@ BOOT_MODULES = ("__init__.py", "_files.py", "agent.py")
 
 
 def agent_bundle() -> bytes:
-    """The standard-library programs of remote/ the boot needs (BOOT_MODULES) as a tar.gz."""
+    """The standard-library programs of remote/ the boot needs (BOOT_MODULES) as a tar.gz, without
+    their comments and docstrings (a third of the bytes, and user-data is capped; the full source
+    arrives over SSH and replaces them)."""
     import remote
 
     root = Path(remote.__file__).parent
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
         for p in sorted(root / name for name in BOOT_MODULES):
-            data = p.read_bytes()
+            data = _minified(p.read_text()).encode()
             info = tarfile.TarInfo(f"remote/{p.name}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _minified(source: str) -> str:
+    """The same program, as the ast module prints it back: no comments, no docstrings."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n" if tree.body else ""
 
 
 def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, Any]) -> str:
