@@ -248,6 +248,9 @@ def push(src: Path, dst: str, cache: TransferCache, progress: ProgressSink | Non
         # A damaged blob is uploaded again over the bad one; --repair first reads each one back.
         bad = bool(digest) and (digest in damaged or (repair and held == size and store.check_blob(digest, size) is not None))
         if digest and not bad and held == size:
+            # In the store under another manifest: marked as just used, so that `orch image rm`/gc
+            # running meanwhile (which spares blobs touched within its grace) keeps it for this manifest.
+            store.touch_blob(digest)
             result.bytes_skipped += size
         else:
             advance = progress.file(name, size)
