@@ -53,6 +53,11 @@ def blob_key(digest: str) -> str:
     return f".orch/blobs/{digest[:2]}/{digest}"
 
 
+def used_key(digest: str) -> str:
+    """An empty object whose time says a push just reused the blob (see touch_blob)."""
+    return f".orch/used/{digest}"
+
+
 def damaged_key(digest: str) -> str:
     return f".orch/damaged/{digest}.json"
 
@@ -570,25 +575,31 @@ class S3Store:
 
     def delete_blob(self, digest: str) -> None:
         self._call("delete blob", self.client.delete_object, Bucket=self.bucket, Key=blob_key(digest))
+        self._call("delete blob", self.client.delete_object, Bucket=self.bucket, Key=used_key(digest))
 
     def touch_blob(self, digest: str) -> None:
-        """Mark a blob as just used (its LastModified becomes now: a copy onto itself), so garbage collection spares it."""
-        key = blob_key(digest)
-        self._call("touch blob", self.client.copy_object, Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                   MetadataDirective="REPLACE", Metadata={"orch-touched": str(int(time.time()))})
+        """Mark a blob as just used, so garbage collection spares it: an empty object beside it
+        (S3 cannot touch an object in place, and copying a blob onto itself fails over 5 GiB)."""
+        self._call("touch blob", self.client.put_object, Bucket=self.bucket, Key=used_key(digest), Body=b"")
 
     def list_blobs(self) -> list[tuple[str, int, float]]:
-        """(hash, size, last modified) of every blob."""
-        out = []
+        """(hash, size, last modified or last marked used, whichever is later) of every blob."""
+        blobs: dict[str, tuple[int, float]] = {}
+        used: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/blobs/"):
-                for obj in page.get("Contents", []):
-                    out.append((obj["Key"].rsplit("/", 1)[-1], obj["Size"], obj["LastModified"].timestamp()))
+            for prefix, into_blobs in ((".orch/blobs/", True), (".orch/used/", False)):
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                    for obj in page.get("Contents", []):
+                        digest, modified = obj["Key"].rsplit("/", 1)[-1], obj["LastModified"].timestamp()
+                        if into_blobs:
+                            blobs[digest] = (obj["Size"], modified)
+                        else:
+                            used[digest] = modified
         except Exception as e:
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(e, (ClientError, BotoCoreError)):
                 raise self._explain(e, f"list s3://{self.bucket}") from None
             raise
-        return out
+        return [(d, size, max(modified, used.get(d, 0.0))) for d, (size, modified) in blobs.items()]
