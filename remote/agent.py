@@ -52,6 +52,8 @@ EXIT_DUPLICATE = 3  # `run` found another watchdog holding the lock
 
 DEADLINE_KEYS = ("idle", "boot_timeout", "max_lifetime", "heartbeat_timeout", "budget")
 DURATION_KEYS = ("idle", "boot_timeout", "max_lifetime", "heartbeat_timeout")
+# The price too: where the provider names it only once the instance exists, the boot script armed the agent without it.
+SETTABLE_KEYS = (*DEADLINE_KEYS, "price_per_hour")
 # What an unreadable value in the config file falls back to (DESIGN.md's defaults): never "forever".
 DEFAULTS = {"idle": 15 * 60.0, "boot_timeout": 30 * 60.0, "max_lifetime": 8 * 3600.0, "heartbeat_timeout": 10 * 60.0}
 MAX_DURATION_S = 366 * 86400.0  # a deadline beyond a year is a mistake, not a plan
@@ -511,8 +513,8 @@ def set_config(home: Path, assignments: list[str]) -> dict:
     cfg = dict(read_json(agent.dir / "config.json") or {})
     for item in assignments:
         key, _, value = item.partition("=")
-        if key not in DEADLINE_KEYS:
-            raise SystemExit(f"unknown setting {key!r}; valid: {', '.join(DEADLINE_KEYS)}")
+        if key not in SETTABLE_KEYS:
+            raise SystemExit(f"unknown setting {key!r}; valid: {', '.join(SETTABLE_KEYS)}")
         try:
             number = float(value)
         except ValueError:

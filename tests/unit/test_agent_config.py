@@ -70,6 +70,19 @@ def test_the_command_line_refuses_nan_and_infinity(tmp_path):
     assert not (home / "agent" / "supervisor.lock").exists(), "nothing was armed"
 
 
+def test_the_price_can_be_set_on_a_running_agent_and_is_checked(tmp_path):
+    """A provider that names the price only once the instance exists: the laptop sets it after the boot script armed the agent."""
+    home = tmp_path / "home"
+    (home / "agent").mkdir(parents=True)
+    (home / "agent" / "config.json").write_text(json.dumps({"idle": 900, "price_per_hour": 0.0}))
+    for value in ("nan", "-1", "1e30"):
+        r = _agent_cli(home, "set", f"price_per_hour={value}")
+        assert r.returncode == 1 and "price_per_hour" in r.stderr, (value, r.stderr)
+    r = _agent_cli(home, "set", "price_per_hour=2.49", "budget=5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((home / "agent" / "config.json").read_text()) == {"idle": 900, "price_per_hour": 2.49, "budget": 5.0}
+
+
 def test_status_reports_a_tampered_config_and_keeps_the_deadline(tmp_path):
     home = tmp_path / "home"
     (home / "agent").mkdir(parents=True)
