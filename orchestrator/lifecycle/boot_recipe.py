@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import gzip
 import io
 import json
 import shlex
@@ -82,7 +83,11 @@ def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, A
     }
     prologue = "#!/bin/sh\n# orch boot script: the variables images/bootstrap.sh reads, then the recipe itself\n"
     prologue += "".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items())
-    text = prologue + _without_comments((images_dir() / RECIPE).read_text())
+    # The recipe travels gzipped (user-data is capped at 16 KB), written to a file and run from there:
+    # a script piped into sh would hand its own remaining lines to any command that reads stdin.
+    recipe = gzip.compress(_without_comments((images_dir() / RECIPE).read_text()).encode(), 9, mtime=0)
+    text = prologue + (f"ORCH_RECIPE_SH=$(mktemp) && echo {base64.b64encode(recipe).decode()} | base64 -d | gunzip "
+                       f'> "$ORCH_RECIPE_SH" && exec sh "$ORCH_RECIPE_SH"\n')
     if len(text.encode()) > USER_DATA_LIMIT:
         raise OrchError(f"the boot script is {len(text.encode())} bytes, over the 16 KB providers accept as user-data")
     return text

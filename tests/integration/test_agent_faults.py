@@ -234,7 +234,15 @@ def test_agent_and_supervisor_killed_together_are_rearmed_and_still_stop_it(orch
     for pid in (supervisor, agent):
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    assert not psutil.pid_exists(agent) or psutil.Process(agent).status() == psutil.STATUS_ZOMBIE
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    while not gone(agent) and time.monotonic() - killed < 5:  # SIGKILL lands a moment later on a busy machine
+        time.sleep(0.05)
+    assert gone(agent)
     while time.monotonic() - killed < 30 and not watchdog_state(home)["armed"]:
         time.sleep(0.2)
     rearmed_in = time.monotonic() - killed
