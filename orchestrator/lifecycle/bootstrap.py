@@ -79,6 +79,7 @@ def arm(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None:
                    "heartbeat_timeout": d.heartbeat_timeout}
         if d.budget is not None:
             changes["budget"] = d.budget
+        changes["price_per_hour"] = record.price_per_hour or 0.0  # the running agent's budget counts at this price
         remote.agent_set(changes)
 
 

@@ -30,7 +30,7 @@ def main() -> None:
     factory = (lambda: make_s3_client(credentials=creds)) if creds else None
     try:
         if args.direction == "pull":
-            result = pull(args.src, args.dst, cache, client_factory=factory)
+            result = pull(args.src, args.dst, cache, client_factory=factory, credentials=creds or None)
         else:
             result = push(Path(args.src).expanduser(), args.dst, cache, client_factory=factory, exclude=args.exclude)
     except StorageError as e:

@@ -1,21 +1,22 @@
-"""Content-addressed stores: an S3-compatible bucket (boto3) or a plain directory.
+"""Content-addressed stores: an S3-compatible bucket (botocore) or a plain directory.
 
 Layout, the same in both:
     .orch/blobs/<h[:2]>/<h>        every file's bytes, under its BLAKE3 hash (store-wide)
     .orch/manifests/<prefix>.json  what a pushed prefix holds: name -> hash, size
     .orch/uploads/<id>             a streaming upload in progress (its hash not yet known)
+    .orch/damaged/<h>.json         a blob found damaged (by verify or a pull): the next push of
+                                   a file with that hash uploads it again, whatever the store says
 A blob is plain bytes: any S3 client can read it back at its key.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -24,17 +25,20 @@ import blake3
 
 from ..errors import StorageError
 from .cache import TransferCache, hash_file
+from .ranged_get import PRESIGN_S, RangedGet
+from .s3light import Fallback, LightS3
+from .transfer import (PIECE, WORKERS, CorruptBlob, PartFile, Progress, download_workers, hash_ranges, piece_buffer, run_parallel,
+                       storage_os_error)
 
-Progress = Callable[[int], None]
+__all__ = ["BlobStore", "CorruptBlob", "FileStore", "S3Store", "StorageError", "Transfer", "blob_key", "manifest_key",
+           "part_size_for"]
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 64 * MIB
 MAX_PARTS = 10_000
-WORKERS = 8
-
-
-class CorruptBlob(StorageError):
-    pass
+# Downloads and read-backs: ranges this size, WORKERS at a time (bench/sync.py chose them).
+DOWNLOAD_CHUNK = 16 * MIB
+COPY_PART = 5 * 1024 * MIB  # server-side copies: one CopyObject up to S3's limit for it, UploadPartCopy above
 
 
 def part_size_for(size: int) -> int:
@@ -49,6 +53,19 @@ def blob_key(digest: str) -> str:
     return f".orch/blobs/{digest[:2]}/{digest}"
 
 
+def used_key(digest: str) -> str:
+    """An empty object whose time says a push just reused the blob (see touch_blob)."""
+    return f".orch/used/{digest}"
+
+
+def damaged_key(digest: str) -> str:
+    return f".orch/damaged/{digest}.json"
+
+
+def download_chunk(size: int) -> int:
+    return max(MIB, min(int(os.environ.get("ORCH_SYNC_CHUNK", DOWNLOAD_CHUNK)), part_size_for(size)))
+
+
 def manifest_key(prefix: str) -> str:
     prefix = prefix.strip("/")
     return f".orch/manifests/{prefix or '_root'}.json"
@@ -58,12 +75,6 @@ def upload_id_for(path: Path, st: os.stat_result) -> str:
     """Stable across runs for the same unchanged file, so an interrupted upload resumes."""
     ident = f"{path.resolve()}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-
-def _storage_os_error(e: OSError, path: Path) -> StorageError:
-    if e.errno == errno.ENOSPC:
-        return StorageError(f"disk full while writing {path}; free space and run again: the partial file is kept and resumes")
-    return StorageError(f"{path}: {e.strerror or e}")
 
 
 @dataclass
@@ -77,9 +88,18 @@ class BlobStore(Protocol):
 
     def blob_size(self, digest: str) -> int | None: ...
 
-    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress) -> Transfer: ...
+    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress,
+               force: bool = False) -> Transfer: ...
 
     def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int: ...
+
+    def check_blob(self, digest: str, size: int, progress: Progress) -> str | None: ...
+
+    def damaged(self) -> dict[str, dict[str, Any]]: ...
+
+    def mark_damaged(self, digest: str, problem: str) -> None: ...
+
+    def clear_damaged(self, digest: str) -> None: ...
 
     def read_manifest(self, prefix: str) -> dict[str, Any] | None: ...
 
@@ -94,132 +114,6 @@ class BlobStore(Protocol):
     def touch_blob(self, digest: str) -> None: ...
 
     def list_blobs(self) -> list[tuple[str, int, float]]: ...
-
-
-# ---------------------------------------------------------------------------------------
-# Downloads into a .part file, shared by both stores
-
-
-class _PartFile:
-    """dest's partial download: DIR/.NAME.orch-part plus a JSON note of the chunks done."""
-
-    def __init__(self, dest: Path, digest: str, size: int, chunk: int):
-        self.dest = dest
-        self.path = dest.with_name(f".{dest.name}.orch-part")
-        self.note = dest.with_name(f".{dest.name}.orch-part.json")
-        self.digest, self.size, self.chunk = digest, size, chunk
-        self.lock = threading.Lock()
-        note = None
-        try:
-            note = json.loads(self.note.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-        if note and note.get("digest") == digest and note.get("chunk") == chunk and self.path.exists():
-            self.done: set[int] = set(note.get("done", []))
-        else:
-            self.done = set()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            os.ftruncate(fd, size)
-            if size and hasattr(os, "posix_fallocate"):
-                # Real blocks up front: parallel chunk writes then land contiguously (2.6x faster
-                # here than a sparse file), and a full disk fails now, not mid-download.
-                os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL) and self.path.exists():
-                fd = os.open(self.path, os.O_RDWR)
-            else:
-                raise _storage_os_error(e, self.path) from None
-        self.fd = fd
-        self._save()
-
-    @property
-    def chunks(self) -> list[int]:
-        n = max(1, -(-self.size // self.chunk))
-        return [i for i in range(n) if i not in self.done]
-
-    def write(self, index: int, data: bytes) -> None:
-        offset = index * self.chunk
-        expected = min(self.chunk, self.size - offset)
-        if len(data) != expected:
-            raise StorageError(f"short read for blob {self.digest[:12]}: chunk {index} has {len(data)} of {expected} bytes")
-        try:
-            os.pwrite(self.fd, data, offset)
-        except OSError as e:
-            raise _storage_os_error(e, self.path) from None
-        with self.lock:
-            self.done.add(index)
-            self._save()
-
-    def _save(self) -> None:
-        tmp = self.note.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"digest": self.digest, "chunk": self.chunk, "done": sorted(self.done)}))
-        os.replace(tmp, self.note)
-
-    def finish(self, source: str) -> None:
-        """Verify the whole file against its hash, then move it into place atomically.
-
-        No fsync of the data: it tripled the time of a pull here. The cost, said in the
-        README: a power loss within the writeback window can leave a damaged file.
-        """
-        os.close(self.fd)
-        got = hash_file(self.path)
-        if got != self.digest:
-            self.path.unlink(missing_ok=True)
-            self.note.unlink(missing_ok=True)
-            raise CorruptBlob(f"blob {self.digest} in {source} is corrupt (its bytes hash to {got}); "
-                              f"{self.dest} was not touched. Push the file again to repair the store.")
-        os.replace(self.path, self.dest)
-        self.note.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-    def fill(self, fetch: Callable[[int, int], bytes], progress: Progress, source: str, workers: int = WORKERS) -> int:
-        """Fetch every missing chunk (fetch(start, length) -> bytes), verify, move into place.
-
-        Returns the bytes fetched: fewer than the size when an earlier run left chunks done.
-        """
-        moved = 0
-        lock = threading.Lock()
-
-        def one(index: int) -> None:
-            nonlocal moved
-            start = index * self.chunk
-            data = fetch(start, min(self.chunk, self.size - start))
-            self.write(index, data)
-            with lock:
-                moved += len(data)
-            progress(len(data))
-
-        try:
-            if self.size == 0:
-                self.done.add(0)
-            else:
-                _run_parallel([lambda i=i: one(i) for i in self.chunks], workers)
-        except BaseException:
-            self.close()
-            raise
-        self.finish(source)
-        return moved
-
-
-def _run_parallel(tasks: list[Callable[[], None]], workers: int = WORKERS) -> None:
-    """Run tasks on a pool; the first failure cancels the rest and is raised."""
-    if not tasks:
-        return
-    with ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        futures = [pool.submit(t) for t in tasks]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-        for f in done:
-            f.result()
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +134,8 @@ class FileStore:
         except FileNotFoundError:
             return None
 
-    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress) -> Transfer:
+    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress,
+               force: bool = False) -> Transfer:
         staging = self.root / ".orch" / "uploads" / upload_id_for(path, st)
         staging.parent.mkdir(parents=True, exist_ok=True)
         hasher = blake3.blake3()
@@ -253,35 +148,77 @@ class FileStore:
                     hasher.update(src.read(min(8 * MIB, done - src.tell())))
                 while chunk := src.read(8 * MIB):
                     hasher.update(chunk)
-                    out.write(chunk)
+                    view = memoryview(chunk)
+                    for at in range(0, len(chunk), PIECE):  # small writes: see transfer.PIECE
+                        out.write(view[at:at + PIECE])
                     moved += len(chunk)
                     progress(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
         except OSError as e:
-            raise _storage_os_error(e, staging) from None
+            raise storage_os_error(e, staging) from None
         got = hasher.hexdigest()
         if digest and got != digest:
             staging.unlink(missing_ok=True)
             raise StorageError(f"{path} changed while it was being uploaded; run again")
         target = self._blob(got)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        if target.exists() and not force:
             staging.unlink()
-        else:
+        else:  # the staged bytes hash to `got`: they replace a damaged blob safely
             os.replace(staging, target)
         return Transfer(got, moved)
 
     def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
-        src = self._blob(digest)
-        if not src.exists():
-            raise StorageError(f"blob {digest} is missing from {self.id}")
-        part = _PartFile(dest, digest, size, part_size_for(size))
-        fd = os.open(src, os.O_RDONLY)
         try:
-            return part.fill(lambda start, length: os.pread(fd, length, start), progress, self.id, workers=1)
+            fd = os.open(self._blob(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            raise StorageError(f"blob {digest} is missing from {self.id}") from None
+
+        def fetch(start: int, length: int, put) -> None:
+            buf = piece_buffer()
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [buf[: min(len(buf), length - done)]], start + done)
+                if got <= 0:
+                    raise CorruptBlob(f"blob {digest} in {self.id} is shorter than its manifest says")
+                put(start + done, buf[:got])
+                done += got
+
+        try:
+            part = PartFile(dest, digest, size, download_chunk(size))
+            return part.fill(fetch, progress, self.id, workers=2)
         finally:
             os.close(fd)
+
+    def check_blob(self, digest: str, size: int, progress: Progress = lambda n: None) -> str | None:
+        """None when the blob reads back with its hash; else what is wrong with it."""
+        have = self.blob_size(digest)
+        if have is None:
+            return "missing"
+        if have != size:
+            return f"{have} bytes where the manifest says {size}"
+        got = hash_file(self._blob(digest))
+        progress(size)
+        return None if got == digest else f"its bytes hash to {got}"
+
+    def damaged(self) -> dict[str, dict[str, Any]]:
+        base = self.root / ".orch" / "damaged"
+        out: dict[str, dict[str, Any]] = {}
+        for p in base.glob("*.json") if base.exists() else []:
+            try:
+                out[p.name[: -len(".json")]] = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                out[p.name[: -len(".json")]] = {}
+        return out
+
+    def mark_damaged(self, digest: str, problem: str) -> None:
+        path = self.root / damaged_key(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"problem": problem, "at": time.time()}))
+
+    def clear_damaged(self, digest: str) -> None:
+        (self.root / damaged_key(digest)).unlink(missing_ok=True)
 
     def read_manifest(self, prefix: str) -> dict[str, Any] | None:
         try:
@@ -343,10 +280,21 @@ def _client_error_code(e: Exception) -> str:
 
 
 class S3Store:
-    def __init__(self, client: Any, bucket: str):
-        self.client = client
+    """A bucket through botocore, built on first use; a pull's reads through `light` where it can
+    (s3light.py: no botocore to import), falling back to botocore on anything unexpected."""
+
+    def __init__(self, client_factory: Callable[[], Any], bucket: str, light: LightS3 | None = None):
+        self._factory = client_factory
+        self._client: Any = None
+        self.light = light
         self.bucket = bucket
         self.id = f"s3://{bucket}"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._factory()
+        return self._client
 
     # -- errors --------------------------------------------------------------------------
 
@@ -392,7 +340,9 @@ class S3Store:
     def blob_size(self, digest: str) -> int | None:
         return self._head(blob_key(digest))
 
-    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress) -> Transfer:
+    def upload(self, path: Path, st: os.stat_result, digest: str | None, cache: TransferCache, progress: Progress,
+               force: bool = False) -> Transfer:
+        """Put the file's bytes at its blob key; force: also where a blob is there (a damaged one)."""
         size = st.st_size
         part_size = part_size_for(size)
         if size <= part_size:
@@ -401,7 +351,7 @@ class S3Store:
             got = blake3.blake3(data).hexdigest()
             if digest and got != digest:
                 raise StorageError(f"{path} changed while it was being uploaded; run again")
-            if self.blob_size(got) != size:
+            if force or self.blob_size(got) != size:
                 self._call(f"upload {path}", self.client.put_object, Bucket=self.bucket, Key=blob_key(got), Body=data)
                 progress(size)
                 return Transfer(got, size)
@@ -411,14 +361,40 @@ class S3Store:
         moved, got = self._multipart(path, size, key, part_size, cache, progress, hash_while_reading=digest is None)
         if digest is None:
             digest = got
-            if self.blob_size(digest) is None:
-                from boto3.s3.transfer import TransferConfig
-
-                # Server-side copy: no bytes through this machine.
-                self._call("finish upload", self.client.copy, {"Bucket": self.bucket, "Key": key}, self.bucket, blob_key(digest),
-                           Config=TransferConfig(multipart_threshold=5 * 1024 * MIB, multipart_chunksize=1024 * MIB))
+            if force or self.blob_size(digest) is None:
+                self._server_side_copy(key, blob_key(digest), size)
             self._call("finish upload", self.client.delete_object, Bucket=self.bucket, Key=key)
         return Transfer(digest, moved)
+
+    def _server_side_copy(self, src: str, dst: str, size: int) -> None:
+        """Copy src to dst inside the bucket: no bytes through this machine (multipart above 5 GiB)."""
+        source = {"Bucket": self.bucket, "Key": src}
+        if size <= COPY_PART:
+            self._call("finish upload", self.client.copy_object, Bucket=self.bucket, Key=dst, CopySource=source)
+            return
+        upload_id = self._call("finish upload", self.client.create_multipart_upload, Bucket=self.bucket, Key=dst)["UploadId"]
+        parts: dict[int, str] = {}
+
+        def copy_part(number: int) -> None:
+            start = (number - 1) * COPY_PART
+            r = self._call("finish upload", self.client.upload_part_copy, Bucket=self.bucket, Key=dst, UploadId=upload_id,
+                           PartNumber=number, CopySource=source, CopySourceRange=f"bytes={start}-{min(size, start + COPY_PART) - 1}")
+            etag = (r.get("CopyPartResult") or {}).get("ETag")
+            if not etag:  # rclone's serve s3, for one, answers UploadPartCopy without doing it
+                raise StorageError(f"s3://{self.bucket} cannot copy objects over {COPY_PART // MIB:,} MiB in parts "
+                                   f"(UploadPartCopy); push again with ORCH_SYNC_PREHASH=always (hash first, upload to the blob directly)")
+            parts[number] = etag
+
+        try:
+            run_parallel([lambda n=n: copy_part(n) for n in range(1, -(-size // COPY_PART) + 1)], 4)
+            self._call("finish upload", self.client.complete_multipart_upload, Bucket=self.bucket, Key=dst, UploadId=upload_id,
+                       MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]})
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=dst, UploadId=upload_id)
+            except Exception:
+                pass
+            raise
 
     def _multipart(self, path: Path, size: int, key: str, part_size: int, cache: TransferCache, progress: Progress,
                    hash_while_reading: bool) -> tuple[int, str | None]:
@@ -465,7 +441,7 @@ class S3Store:
                 def task(number: int) -> Callable[[], None]:
                     return lambda: send(number, os.pread(fd, part_size, (number - 1) * part_size))
 
-                _run_parallel([task(n) for n in range(1, n_parts + 1) if n not in done])
+                run_parallel([task(n) for n in range(1, n_parts + 1) if n not in done])
             else:
                 # One sequential read feeds both the hash and the uploads, WORKERS parts in flight.
                 slots = threading.Semaphore(WORKERS)
@@ -494,23 +470,62 @@ class S3Store:
         cache.drop_upload(self.id, key)
         return moved, hasher.hexdigest() if hasher else None
 
-    def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
+    def _ranges(self, digest: str, what: str) -> RangedGet:
         key = blob_key(digest)
-        # Smaller than upload parts: more requests in flight keep the pipe full.
-        chunk = max(MIB, part_size_for(size) // 4)
-        part = _PartFile(dest, digest, size, chunk)
 
-        def fetch(start: int, length: int) -> bytes:
-            r = self._call(f"download {dest.name}", self.client.get_object, Bucket=self.bucket, Key=key,
-                           Range=f"bytes={start}-{start + length - 1}")
+        def via_botocore(start: int, length: int) -> bytes:
+            r = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
             # Some servers (rclone) answer a ranged GET with 200: the body's length is checked, not the status.
             return r["Body"].read()
 
-        return part.fill(fetch, progress, self.id)
+        light = self.light
+        if light is not None:
+            return RangedGet(lambda: light.presign(self.bucket, key), key, via_botocore)
+        return RangedGet(lambda: self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                                    ExpiresIn=PRESIGN_S), key, via_botocore)
+
+    def download(self, digest: str, size: int, dest: Path, progress: Progress) -> int:
+        reader = self._ranges(digest, f"download {dest.name}")
+        part = PartFile(dest, digest, size, download_chunk(size))
+        try:
+            return part.fill(reader.fetch, progress, self.id)
+        finally:
+            reader.close()
+
+    def check_blob(self, digest: str, size: int, progress: Progress = lambda n: None) -> str | None:
+        """None when the blob reads back with its hash; else what is wrong with it."""
+        have = self.blob_size(digest)
+        if have is None:
+            return "missing"
+        if have != size:
+            return f"{have} bytes where the manifest says {size}"
+        reader = self._ranges(digest, f"read back blob {digest[:12]}")
+        try:
+            got = hash_ranges(size, download_chunk(size), reader.fetch, download_workers(), progress=progress)
+        finally:
+            reader.close()
+        return None if got == digest else f"its bytes hash to {got}"
+
+    def damaged(self) -> dict[str, dict[str, Any]]:
+        names = (key.rsplit("/", 1)[-1] for key in self._keys(".orch/damaged/"))
+        return {name[: -len(".json")]: {} for name in names if name.endswith(".json")}
+
+    def mark_damaged(self, digest: str, problem: str) -> None:
+        self._call("mark a damaged blob", self.client.put_object, Bucket=self.bucket, Key=damaged_key(digest),
+                   Body=json.dumps({"problem": problem, "at": time.time()}).encode(), ContentType="application/json")
+
+    def clear_damaged(self, digest: str) -> None:
+        self._call("clear a damaged blob's mark", self.client.delete_object, Bucket=self.bucket, Key=damaged_key(digest))
 
     # -- manifests -----------------------------------------------------------------------
 
     def read_manifest(self, prefix: str) -> dict[str, Any] | None:
+        if self.light is not None:
+            try:
+                body = self.light.get(self.bucket, manifest_key(prefix))
+                return None if body is None else json.loads(body)
+            except (Fallback, ValueError):
+                pass
         from botocore.exceptions import ClientError
 
         try:
@@ -525,22 +540,32 @@ class S3Store:
         self._call("write manifest", self.client.put_object, Bucket=self.bucket, Key=manifest_key(prefix),
                    Body=json.dumps(manifest, indent=1, sort_keys=True).encode(), ContentType="application/json")
 
-    def manifest_prefixes(self) -> list[str]:
-        out = []
+    def _keys(self, prefix: str) -> list[str]:
+        if self.light is not None:
+            try:
+                return self.light.list_keys(self.bucket, prefix)
+            except Fallback:
+                pass
+        keys = []
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/manifests/"):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(".orch/manifests/"):]
-                    if rel.endswith(".json"):
-                        rel = rel[: -len(".json")]
-                        out.append("" if rel == "_root" else rel)
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
         except Exception as e:
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(e, (ClientError, BotoCoreError)):
                 raise self._explain(e, f"list s3://{self.bucket}") from None
             raise
+        return keys
+
+    def manifest_prefixes(self) -> list[str]:
+        out = []
+        for key in self._keys(".orch/manifests/"):
+            rel = key[len(".orch/manifests/"):]
+            if rel.endswith(".json"):
+                rel = rel[: -len(".json")]
+                out.append("" if rel == "_root" else rel)
         return sorted(out)
 
     # -- removal (orch image rm / gc) ----------------------------------------------------
@@ -550,25 +575,31 @@ class S3Store:
 
     def delete_blob(self, digest: str) -> None:
         self._call("delete blob", self.client.delete_object, Bucket=self.bucket, Key=blob_key(digest))
+        self._call("delete blob", self.client.delete_object, Bucket=self.bucket, Key=used_key(digest))
 
     def touch_blob(self, digest: str) -> None:
-        """Mark a blob as just used (its LastModified becomes now: a copy onto itself), so garbage collection spares it."""
-        key = blob_key(digest)
-        self._call("touch blob", self.client.copy_object, Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                   MetadataDirective="REPLACE", Metadata={"orch-touched": str(int(time.time()))})
+        """Mark a blob as just used, so garbage collection spares it: an empty object beside it
+        (S3 cannot touch an object in place, and copying a blob onto itself fails over 5 GiB)."""
+        self._call("touch blob", self.client.put_object, Bucket=self.bucket, Key=used_key(digest), Body=b"")
 
     def list_blobs(self) -> list[tuple[str, int, float]]:
-        """(hash, size, last modified) of every blob."""
-        out = []
+        """(hash, size, last modified or last marked used, whichever is later) of every blob."""
+        blobs: dict[str, tuple[int, float]] = {}
+        used: dict[str, float] = {}
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=".orch/blobs/"):
-                for obj in page.get("Contents", []):
-                    out.append((obj["Key"].rsplit("/", 1)[-1], obj["Size"], obj["LastModified"].timestamp()))
+            for prefix, into_blobs in ((".orch/blobs/", True), (".orch/used/", False)):
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                    for obj in page.get("Contents", []):
+                        digest, modified = obj["Key"].rsplit("/", 1)[-1], obj["LastModified"].timestamp()
+                        if into_blobs:
+                            blobs[digest] = (obj["Size"], modified)
+                        else:
+                            used[digest] = modified
         except Exception as e:
             from botocore.exceptions import BotoCoreError, ClientError
 
             if isinstance(e, (ClientError, BotoCoreError)):
                 raise self._explain(e, f"list s3://{self.bucket}") from None
             raise
-        return out
+        return [(d, size, max(modified, used.get(d, 0.0))) for d, (size, modified) in blobs.items()]

@@ -65,7 +65,11 @@ def main() -> None:
 
     app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    from .agent_guard import start_agent_guard
+
+    start_agent_guard(home, shutting_down=lambda: server.should_exit)  # re-arms a killed auto-shutdown agent
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

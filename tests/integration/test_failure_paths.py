@@ -168,7 +168,10 @@ def test_attaching_repairs_what_died_and_applies_the_flags_it_was_given(orch, or
     gen = orch("gen", "x", "--steps", "1", "--width", "64", "--height", "64", "-o", str(tmp_path / "o"), "--json").json
     assert len(gen["images"]) == 1
 
-    # 3. The agent and its supervisor die together: status says so; extend and up arm it again.
+    # 3. The agent and its supervisor die together (and the server, which would re-arm them
+    #    itself within seconds): status says so; extend and up arm it again.
+    server = json.loads((orch_home / "local" / up["instance_id"] / "disk" / ".orch" / "server.json").read_text())["pid"]
+    os.kill(server, signal.SIGKILL)
     _kill_agent(orch_home, up["instance_id"])
     st = orch("status", "fix", "--json")
     assert st.json["auto_shutdown"] == "NOT armed" and st.json["deadlines"] is None
@@ -205,6 +208,9 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 def test_down_stops_the_instance_even_when_the_state_cannot_be_written(tmp_path, fault):
     home = tmp_path / "home"
     _mount_tmpfs(home, "256m")
+    # The instances' disks on a file system of their own: the laptop's disk fills, not the
+    # instance's (whose agent would give back its reserve to write, freeing space for the laptop too).
+    _mount_tmpfs(home / "local", "256m")
     env = {**os.environ, "ORCH_HOME": str(home)}
 
     def orch(*args):
@@ -240,4 +246,5 @@ def test_down_stops_the_instance_even_when_the_state_cannot_be_written(tmp_path,
         subprocess.run([sys.executable, "-c", f"from tests.conftest import _stop_everything; from pathlib import Path; "
                         f"_stop_everything(Path({str(home)!r}))"], cwd=Path(__file__).resolve().parents[2])
         subprocess.run(["umount", "-l", str(home / "state.db")], stderr=subprocess.DEVNULL)
+        subprocess.run(["umount", "-l", str(home / "local")])
         subprocess.run(["umount", "-l", str(home)])

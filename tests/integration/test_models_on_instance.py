@@ -40,6 +40,16 @@ def test_up_pulls_the_model_on_the_instance_and_never_twice(s3, orch, orch_home,
     again = orch("up", "m", "--model", "s3://bkt/models/my-model", "--detach", "--json")
     assert f"0 bytes pulled, {total:,} already there" in again.stderr
 
+    # The instance's processes see only what orch hands them (the key travels over SSH stdin to
+    # the pull, never in an environment): the laptop's AWS_SECRET_ACCESS_KEY reaches none of them.
+    from orchestrator.providers.local import instance_processes
+
+    procs = instance_processes(data["instance_id"])
+    assert len(procs) >= 3, "agent, supervisor and server at least"
+    for proc in procs:
+        env = proc.environ()
+        assert "AWS_SECRET_ACCESS_KEY" not in env and SECRET_KEY not in " ".join([*env.values(), *proc.cmdline()]), proc.cmdline()
+
     # The secret never lands in a log, on the laptop or on the instance.
     for path in list(orch_home.rglob("*.log")) + list(disk.rglob("*.log")) + [orch_home / "state.db"]:
         assert SECRET_KEY not in path.read_text(errors="replace"), path

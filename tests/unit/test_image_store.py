@@ -102,3 +102,32 @@ def test_a_saved_environment_unpacks_elsewhere_and_runs_without_installing_anyth
                          capture_output=True, text=True)
     assert run.stdout.split() == ["7", str(new_home / "venv")], run.stderr
     assert not zipfile.is_zipfile(tmp_path / "out" / "venv.tar")
+
+
+def test_on_s3_a_reused_blob_is_marked_by_an_empty_object_and_removal_takes_both(tmp_path, monkeypatch):
+    """S3 cannot touch an object in place (and a copy onto itself fails over 5 GiB): the mark is
+    an empty object beside the blob, never listed as a blob, and deleted with it."""
+    import boto3
+    from moto import mock_aws
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="bkt")
+        images = ImageStore("s3://bkt/orch-images", client_factory=lambda: client)
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "big.bin").write_bytes(b"b" * 4096)
+        push(src, images.part_url("one", "models"), TransferCache(tmp_path / "c.db"), client_factory=lambda: client)
+        images.write(ImageMeta(name="one", parts={"models": {"files": 1}}))
+        [(digest, size, _)] = images.store.list_blobs()
+        images.store.touch_blob(digest)
+        assert images.store.list_blobs()[0][:2] == (digest, size), "the mark is not a blob"
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="bkt")["Contents"]}
+        assert f".orch/used/{digest}" in keys
+        removed = images.remove("one", now=time.time() + 2 * REMOVE_GRACE_S)
+        assert removed["blobs_deleted"] == 1
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket="bkt").get("Contents", [])}
+        assert not any(digest in k for k in keys), keys

@@ -35,3 +35,24 @@ def test_without_exclude_every_file_is_pushed(tmp_path: Path):
     (tmp_path / "src" / ".index.db").write_bytes(b"a user's file of that name elsewhere")
     pushed = push(tmp_path / "src", f"file://{tmp_path}/bucket/p", TransferCache(tmp_path / "c.db"))
     assert pushed.files == 1
+
+
+def test_a_push_that_finds_its_blob_in_the_store_marks_it_used(tmp_path: Path):
+    """gc removes unreferenced blobs untouched for an hour: a blob a push reuses for its new
+    manifest must look just used, or a gc running meanwhile could delete it under the push."""
+    import os
+
+    from orchestrator.storage.stores import FileStore
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.bin").write_bytes(b"weights" * 1000)
+    push(tmp_path / "a", f"file://{tmp_path}/bucket", TransferCache(tmp_path / "c1.db"))  # the store's root
+    store = FileStore(tmp_path / "bucket")
+    [(digest, _, _)] = store.list_blobs()
+    old = 1_000_000_000
+    os.utime(store._blob(digest), (old, old))
+
+    again = push(tmp_path / "a", f"file://{tmp_path}/bucket/second", TransferCache(tmp_path / "c2.db"))
+    assert again.bytes_transferred == 0
+    [(_, _, modified)] = store.list_blobs()
+    assert modified > old + 3600
