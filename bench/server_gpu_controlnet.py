@@ -122,12 +122,30 @@ def run(args, Server, log, token: str) -> dict:
         server.txt2img(body)
         results["server_first_controlnet_request_s"] = time.perf_counter() - t  # loads and compiles the ControlNet path
         server.txt2img({**body, "seed": 2})
+        import httpx
+
+        def precompiled_stats() -> dict:
+            return httpx.get(f"{server.base}/healthz", timeout=5).json().get("precompiled") or {}
+
+        before = precompiled_stats()
         seq, inside = [], []
         for i in range(n):
             t = time.perf_counter()
             r = server.txt2img({**body, "prompt": f"{body['prompt']}, take {i}", "seed": 100 + i})
             seq.append(time.perf_counter() - t)
             inside.append(json.loads(r["info"])["orch_seconds"])
+        after = precompiled_stats()
+        # Where the time goes: the UNet calls the standalone artifacts could not serve, and the
+        # same server's plain txt2img (no unit) for comparison.
+        results["precompiled_fallback_calls_per_image"] = (after.get("fallback_calls", 0) - before.get("fallback_calls", 0)) / n
+        plain_body = {k: v for k, v in body.items() if k != "alwayson_scripts"}
+        server.txt2img(plain_body)
+        same_server = []
+        for i in range(min(n, 3)):
+            t = time.perf_counter()
+            server.txt2img({**plain_body, "prompt": f"{body['prompt']}, plain {i}", "seed": 200 + i})
+            same_server.append(time.perf_counter() - t)
+        results["server_without_unit_s_per_image"] = statistics.median(same_server)
     finally:
         server.stop()
     results["server_s_per_image"] = statistics.median(seq)
@@ -140,6 +158,8 @@ def run(args, Server, log, token: str) -> dict:
     print(f"{'  of which in the pipeline':<44}{results['server_pipeline_s_per_image']:>10.3f}")
     print(f"{'orch first ControlNet request (s)':<44}{results['server_first_controlnet_request_s']:>10.1f}")
     print(f"{'ratio (plain / orch)':<44}{results['speedup_vs_plain']:>10.2f}x")
+    print(f"{'orch, same server, no unit, s/image':<44}{results['server_without_unit_s_per_image']:>10.3f}")
+    print(f"{'UNet calls the artifacts passed on, /image':<44}{results['precompiled_fallback_calls_per_image']:>10.1f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"server_gpu_controlnet_{results['arch']}.json").write_text(json.dumps(results, indent=1))
