@@ -321,6 +321,7 @@ const queue = {
   first: true,
   timer: null,
   busy: false,
+  sending: Promise.resolve(),
 
   async submit() {
     showError(null);
@@ -332,8 +333,12 @@ const queue = {
       return;
     }
     form.save();
+    // Jobs reach the server in the order they were asked for: each POST waits for the one
+    // before (three quick clicks could otherwise land as A, C, B).
+    const sent = this.sending.then(() => api("/ui/api/queue", { method: "POST", body: job }));
+    this.sending = sent.catch(() => {});
     try {
-      await api("/ui/api/queue", { method: "POST", body: job });
+      await sent;
     } catch (e) {
       showError(e);
       return;
