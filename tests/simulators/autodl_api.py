@@ -41,10 +41,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .http_server import serve
 
 API = "/api/v1/dev"
 PRO = f"{API}/instance/pro"
@@ -238,33 +240,8 @@ class AutoDLSimulator:
     # -- running it ------------------------------------------------------------------------
 
     def start(self) -> "AutoDLSimulator":
-        sim = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, answer = sim.handle(self.command, f"http://{self.headers.get('host')}{self.path}",
-                                                     dict(self.headers.items()), body)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        threading.Thread(target=self._server.serve_forever, name="autodl-sim", daemon=True).start()
+        self._server, base = serve(self.handle, "autodl-sim", ("GET", "POST", "PUT", "DELETE"))
+        self.url = base
         if self.hosts:
             from tests.helpers.net import free_port
 

@@ -47,11 +47,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .http_server import serve
 from .openapi_check import OpenApiCheck, SpecMismatch, spec_file
 
 API = "/v2"
@@ -244,40 +245,15 @@ class RunPodSimulator:
     # -- running it ------------------------------------------------------------------------
 
     def start(self) -> "RunPodSimulator":
-        sim = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, answer = sim.handle(self.command, f"http://{self.headers.get('host')}{self.path}",
-                                                     dict(self.headers.items()), body)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}{API}"
-        threading.Thread(target=self._server.serve_forever, name="runpod-sim", daemon=True).start()
+        self._server, base = serve(self.handle, "runpod-sim")
+        self.url = base + API
         if self.hosts:
             from tests.helpers.net import free_port
 
             from .hosts import HostPool
 
             self.ssh_port = free_port()  # the public port mapped for every pod's 22/tcp (each pod has its own address)
-            self.pool = HostPool(self.root / "hosts", control_url=f"http://{host}:{port}{CONTROL}", ssh_port=self.ssh_port)
+            self.pool = HostPool(self.root / "hosts", control_url=f"{base}{CONTROL}", ssh_port=self.ssh_port)
             self.pool.on_power_off = self._powered_off
         return self
 

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .http_server import serve
 from .openapi_check import OpenApiCheck, SpecMismatch, spec_file
 
 V0, V1 = "/api/v0", "/api/v1"
@@ -318,35 +319,8 @@ class VastSimulator:
     # -- running it ------------------------------------------------------------------------
 
     def start(self) -> "VastSimulator":
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        sim = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, answer = sim.handle(self.command, f"http://{self.headers.get('host')}{self.path}",
-                                                     dict(self.headers.items()), body)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        threading.Thread(target=self._server.serve_forever, name="vast-sim", daemon=True).start()
+        self._server, base = serve(self.handle, "vast-sim")
+        self.url = base
         if self.hosts:
             from tests.helpers.net import free_port
 
