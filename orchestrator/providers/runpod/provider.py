@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from ...errors import ConfigError
-from ...ssh import sh_path
+from .._container import stop_program_command
 from ..base import (
     NAME_TAG,
     ORCH_TAG,
@@ -486,10 +486,7 @@ class RunPodProvider:
 
     def self_stop_command(self, name: str) -> str:
         """Stop this pod through the API with the pod-scoped key in stop.env (none there: says so, exits 1)."""
-        env, program = sh_path(f"{REMOTE_HOME}/agent/stop.env"), sh_path(f"{REMOTE_HOME}/agent/runpod-stop.py")
-        return (f"if [ -f {env} ]; then . {env}; fi; if [ -f {program} ]; then exec python3 {program}; fi; "
-                f"echo 'runpod: no stop program on this pod (its start command writes it), so it cannot stop itself; the "
-                f"laptop stops it: orch status, orch gc or orch down' >&2; exit 1")
+        return stop_program_command(REMOTE_HOME, "runpod", "runpod-stop.py", "pod")
 
     # -- ReportsStopReason -------------------------------------------------------------
 

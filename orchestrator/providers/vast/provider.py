@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from ...errors import ConfigError
-from ...ssh import sh_path
+from .._container import stop_program_command
 from ..base import (
     NAME_TAG,
     ORCH_TAG,
@@ -541,10 +541,7 @@ class VastProvider:
 
     def self_stop_command(self, name: str) -> str:
         """Stop this instance through the API with its instance-scoped key from stop.env (none there: says so, exits 1)."""
-        env, program = sh_path(f"{REMOTE_HOME}/agent/stop.env"), sh_path(f"{REMOTE_HOME}/agent/vast-stop.py")
-        return (f"if [ -f {env} ]; then . {env}; fi; if [ -f {program} ]; then exec python3 {program}; fi; "
-                f"echo 'vast: no stop program on this instance (its start command writes it), so it cannot stop itself; "
-                f"the laptop stops it: orch status, orch gc or orch down' >&2; exit 1")
+        return stop_program_command(REMOTE_HOME, "vast", "vast-stop.py", "instance")
 
     # -- ReportsStopReason -------------------------------------------------------------
 
