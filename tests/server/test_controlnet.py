@@ -317,3 +317,28 @@ def test_hires_fix_with_a_unit_steers_the_first_pass_and_says_so(cn):
         info, (image,) = gen(cn, units=[unit()], enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, denoising_strength=0.5)
         assert image.shape == (96, 96, 3)
         assert any("first pass only" in w for w in info["warnings"])
+
+
+def test_a_controlnet_pipeline_leaves_the_served_weights_as_they_are():
+    """diffusers' from_pipe casts every shared component to fp32: the served fp16 model became
+    fp32 after the first ControlNet request, and every later request ran 4x slower on the GPU."""
+    import torch
+
+    from remote.server import samplers
+    from remote.server.demo_model import build_demo_pipeline
+    from remote.server.models.residency import LoadedModel
+    from remote.server.models.run import pipeline_for
+    from tests.helpers.model_files import build_tiny_controlnet
+
+    base = build_demo_pipeline()
+    net = build_tiny_controlnet(base.unet, seed=1).to(torch.float16)
+    base.unet.to(torch.float16)
+    base.text_encoder.to(torch.float16)  # the VAE stays fp32, as an upcast VAE beside an fp16 UNet does
+    model = LoadedModel(entry=None, pipeline=base, scheduler_config=dict(base.scheduler.config), device="cpu", load_seconds=0)
+    spec = samplers.resolve("Euler")[0]
+    for kind in ("txt2img", "img2img", "inpaint"):
+        pipe = pipeline_for(model, spec, "Uniform", kind, controlnet=net)
+        assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.controlnet is net
+        assert pipe.config.requires_safety_checker == base.config.requires_safety_checker
+    assert base.unet.dtype == torch.float16 and base.text_encoder.dtype == torch.float16 and net.dtype == torch.float16
+    assert base.vae.dtype == torch.float32

@@ -28,6 +28,22 @@ def _served(cls: type) -> type:
                                        "_execution_device": property(lambda self: self.orch_device)})
 
 
+def on_components(cls, base, **extra):
+    """A `cls` pipeline on `base`'s own components, as they are.
+
+    Not `cls.from_pipe(base)`: diffusers' DiffusionPipeline.from_pipe ends with
+    `.to(dtype=torch_dtype or float32)`, which turned a served fp16 model (UNet, VAE, text
+    encoders, shared with every other kind) into fp32 in place: after the first ControlNet
+    request every request ran 4x slower, on weights the compiled graphs were not made for."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    components = {k: v for k, v in base.components.items() if k in accepted}
+    # The base's own settings that the new class also takes (force_zeros_for_empty_prompt, ...).
+    settings = {k: v for k, v in base.config.items() if k in accepted and k not in components and not k.startswith("_")}
+    return cls(**{**components, **settings, **extra})
+
+
 def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img", controlnet=None):
     """The model's components with a fresh scheduler: shared weights, private sampler state.
 
@@ -46,7 +62,7 @@ def pipeline_for(model: LoadedModel, spec, schedule: str, kind: str = "txt2img",
         if controlnet is not None:
             from ..controlnet.apply import pipeline_class
 
-            pipe = pipeline_class(kind, is_sdxl(base)).from_pipe(base, controlnet=controlnet)
+            pipe = on_components(pipeline_class(kind, is_sdxl(base)), base, controlnet=controlnet)
         elif kind == "txt2img":
             pipe = base.__class__(**base.components)
         elif kind == "img2img":
