@@ -237,6 +237,10 @@ class Agent:
     def activity(self) -> dict:
         return read_json(self.home / "activity.json") or {}
 
+    def activities(self) -> list[dict]:
+        """The server's activity.json; with several GPUs, each replica's activity-ID.json too."""
+        return [self.activity(), *(read_json(f) or {} for f in sorted(self.home.glob("activity-*.json")))]
+
     # -- clocks ------------------------------------------------------------------------
 
     def running_seconds(self, now: float) -> float:
@@ -286,7 +290,8 @@ class Agent:
             if left["boot_timeout"] <= 0:
                 reasons.append(f"boot not finished within boot_timeout {_fmt(cfg['boot_timeout'])}")
         if cfg.get("idle") and done:
-            busy, last_request = self.requests(self.activity(), now)
+            seen = [self.requests(act, now) for act in self.activities()]
+            busy, last_request = any(b for b, _ in seen), max(t for _, t in seen)
             if busy:
                 left["idle"] = cfg["idle"]
             else:

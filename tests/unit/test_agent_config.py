@@ -212,3 +212,26 @@ def test_lock_held_is_exact(tmp_path):
         proc.kill()
         proc.wait()
     assert _files.lock_held(path) is False, "the kernel dropped it with the process"
+
+
+def test_each_gpu_replicas_activity_counts(tmp_path):
+    """With several GPUs each replica writes activity-ID.json: one busy replica keeps the instance
+    from going idle, and idle counts from the latest request any replica saw."""
+    home = tmp_path / "home"
+    (home / "agent").mkdir(parents=True)
+    now = time.time()
+    (home / "agent" / "config.json").write_text(json.dumps({"idle": 60, "created_at": now - 2000}))
+    (home / "agent" / "boot.json").write_text(json.dumps({"boot_started_at": now - 2000, "boot_done_at": now - 1900}))
+    (home / "activity.json").write_text(json.dumps({"last_request": now - 1000, "in_flight": 0}))
+    st = json.loads(_agent_cli(home, "status").stdout)
+    assert st["stop_due"] and "idle" in st["stop_due"]
+
+    me = {"pid": os.getpid(), "pid_start": _files.process_start(os.getpid())}
+    busy = {"in_flight": 1, "last_request": now - 500, "beat": time.time(), "leases": [now - 500], **me}
+    (home / "activity-r1.json").write_text(json.dumps(busy))
+    st = json.loads(_agent_cli(home, "status").stdout)
+    assert not st["stop_due"] and st["left"]["idle"] == 60
+
+    (home / "activity-r1.json").write_text(json.dumps({"last_request": time.time() - 10, "in_flight": 0}))
+    st = json.loads(_agent_cli(home, "status").stdout)
+    assert not st["stop_due"] and 45 < st["left"]["idle"] <= 50
