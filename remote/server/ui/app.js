@@ -641,11 +641,26 @@ const controlnet = {
     $("cn-map").hidden = true;
   },
 
+  // The unit is pixel perfect (and Crop and Resize, the server's default): its processor resolution
+  // is the image's short side scaled to cover width x height. The preview asks for the same, so
+  // it shows the map the generation uses (the extension's preview does so too).
+  async resolution(image) {
+    const img = new Image();
+    await new Promise((resolve, reject) => { img.onload = resolve; img.onerror = () => reject(new Error("not an image")); img.src = image; });
+    const w = form.num("width"), h = form.num("height");
+    const x = Math.max(h / img.naturalHeight, w / img.naturalWidth) * Math.min(img.naturalHeight, img.naturalWidth);
+    const r = Math.round(x);
+    return Math.abs(x - Math.trunc(x)) === 0.5 && r % 2 ? r - 1 : r;  // Python's round(): half to even
+  },
+
   async preview() {
+    showError(null);
     const image = this.image || form.init;
     if (!image) return showError(new Error("ControlNet: choose a control image first"));
     try {
-      const r = await api("/controlnet/detect", { method: "POST", body: { controlnet_module: $("cn_module").value, controlnet_input_images: [image] } });
+      const body = { controlnet_module: $("cn_module").value, controlnet_input_images: [image],
+        controlnet_processor_res: await this.resolution(image) };
+      const r = await api("/controlnet/detect", { method: "POST", body });
       $("cn-map").src = "data:image/png;base64," + r.images[0];
       $("cn-map").hidden = false;
     } catch (e) { showError(e); }
