@@ -75,3 +75,20 @@ def port(value: Any, *, what: str = "--port") -> int:
 
 
 __all__ = ["budget", "instance_name", "max_price", "number", "port", "price_per_hour"]
+
+
+MAX_GPUS = 64
+
+
+def gpu_count(value: Any, *, what: str = "--gpus") -> int:
+    """GPUs to serve from: a whole number from 1 to MAX_GPUS (leave it out for all the instance has)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a number of GPUs; write a whole number like 2, or leave it out for all")
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a number of GPUs; write a whole number like 2, or leave it out for all") from None
+    if not 1 <= n <= MAX_GPUS or str(n) != str(value).strip():
+        raise ConfigError(f"{what}: {value!r} is out of range; write a whole number from 1 to {MAX_GPUS}, or leave it out "
+                          f"for all the instance has")
+    return n

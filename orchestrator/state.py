@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 # Columns added since the first release: an older state.db gets them on open.
 _ADDED = {"currency": "TEXT NOT NULL DEFAULT 'USD'", "run_id": "TEXT", "owner": "TEXT", "deadlines": "TEXT",
-          "models": "TEXT", "remote_python": "TEXT", "image": "TEXT"}
+          "models": "TEXT", "remote_python": "TEXT", "image": "TEXT", "gpus": "INTEGER"}
 
 
 @dataclass
@@ -92,6 +92,8 @@ class InstanceRecord:
     remote_python: str | None = None
     # The image it was created from (`orch up --from-image`).
     image: str | None = None
+    # GPUs its server serves from, one replica each (`orch up --gpus`); None: all the instance has.
+    gpus: int | None = None
 
     @property
     def url(self) -> str | None:

@@ -51,7 +51,17 @@ def server_info(home: Path) -> protocol.ServerInfo:
 
 def cmd_check_deps(home: Path, args) -> dict:
     missing = [m for m in SERVER_DEPS if importlib.util.find_spec(m) is None]
-    return {"python": sys.executable, "version": sys.version.split()[0], "missing": missing}
+    return {"python": sys.executable, "version": sys.version.split()[0], "missing": missing, "gpus": gpu_count(),
+            "ray": importlib.util.find_spec("ray") is not None}
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs here, by `nvidia-smi -L` (no CUDA initialised, nothing imported)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
 
 
 def cmd_start_server(home: Path, args) -> dict:
@@ -62,6 +72,8 @@ def cmd_start_server(home: Path, args) -> dict:
     argv = [sys.executable, "-m", "remote.server", "--home", str(home)]
     if args.device:
         argv += ["--device", args.device]
+    if args.gpus:
+        argv += ["--gpus", args.gpus]
     pid = spawn_detached(argv, home / "logs" / "server.log", home)
     (home / "server.pid").write_text(str(pid))
     return {"started": True, "pid": pid}
@@ -156,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(protocol.CHECK_DEPS)
     p = sub.add_parser(protocol.START_SERVER)
     p.add_argument("--device", default=None)
+    p.add_argument("--gpus", default=None, help="'all' or a number (python -m remote.server --gpus)")
     p = sub.add_parser(protocol.WAIT_SERVER)
     p.add_argument("--timeout", type=float, default=600)
     sub.add_parser(protocol.STOP_SERVER)

@@ -30,10 +30,12 @@ SET = "set"
 STATUS = "status"
 
 
-class DepsCheck(TypedDict):
+class DepsCheck(TypedDict, total=False):
     python: str
     version: str
     missing: list[str]
+    gpus: int  # NVIDIA GPUs the instance has
+    ray: bool  # Ray Serve importable (serving several GPUs needs it)
 
 
 class ServerInfo(TypedDict):

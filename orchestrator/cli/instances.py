@@ -29,6 +29,8 @@ def up(
     spot: bool = typer.Option(False, "--spot", help="Interruptible (spot) capacity only: cheaper, may be taken back."),
     model: list[str] = typer.Option([], "--model", help="Model to put on the instance (repeatable)."),
     from_image: Optional[str] = typer.Option(None, "--from-image"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs to serve from, one server replica each behind the one URL "
+                                                             "(Ray Serve); default: all the instance has."),
     idle: Optional[str] = typer.Option(None, "--idle", help="Stop after no request for this long (default 15m)."),
     boot_timeout: Optional[str] = typer.Option(None, "--boot-timeout"),
     max_lifetime: Optional[str] = typer.Option(None, "--max-lifetime"),
@@ -62,7 +64,8 @@ def up(
             max_price=number(max_price, "--max-price", inputs.max_price), models=tuple(model) if model else None,
             deadlines=replace(loaded.deadlines, **changes), deadline_changes=changes,
             price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour),
-            detach=detach, tunnel_port=number(port, "--port", inputs.port), from_image=from_image, spot=spot)
+            detach=detach, tunnel_port=number(port, "--port", inputs.port), from_image=from_image, spot=spot,
+            gpus=number(gpus, "--gpus", inputs.gpu_count))
         orch = orchestrator(loaded)
         return orch, orch.up(opts)
 

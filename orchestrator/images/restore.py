@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from ..lifecycle.bootstrap import arm, install_server_env, upload_code, wait_for_boot_recipe
+from ..lifecycle.bootstrap import arm, ensure_multi_gpu, install_server_env, upload_code, wait_for_boot_recipe
 from ..lifecycle.context import Ctx
 from ..lifecycle.remote import Remote
 from ..providers.base import RemoteRuntime
@@ -61,10 +61,11 @@ class PortableRestore:
         elif "env" in meta.parts:
             ctx.progress(f"{record.name}: the image's environment is for Python {meta.platform.get('python')} on "
                          f"{meta.platform.get('machine')}; this instance has {here.get('python')} on {here.get('machine')}: installing")
-        missing = remote.check_deps()["missing"]
-        if missing:
-            ctx.progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(missing)})")
+        deps = remote.check_deps()
+        if deps["missing"]:
+            ctx.progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(deps['missing'])})")
             install_server_env(ctx, remote, record)
+        ensure_multi_gpu(ctx, remote, record, deps)
         # 3. models, by hash
         if "models" in meta.parts:
             pull("models", f"{home}/models")

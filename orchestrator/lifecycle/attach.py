@@ -23,6 +23,8 @@ def check_and_repair(ctx: Ctx, record: InstanceRecord, opts: UpOptions) -> tuple
         refused["--model"] = opts.models
     if opts.price_per_hour is not None and opts.price_per_hour != record.price_per_hour:
         refused["--price-per-hour"] = opts.price_per_hour
+    if opts.gpus is not None and opts.gpus != record.gpus:
+        refused["--gpus"] = opts.gpus
     if refused:
         raise ConfigError(f"instance {name} is already running: {', '.join(refused)} apply when it starts; "
                           f"`orch down {name}` then `orch up {name} {' '.join(refused)} ...`")

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Deadlines
-from ..errors import LifecycleError
+from remote import protocol
+
+from ..errors import ConfigError, LifecycleError
 from ..providers.base import Provider, RemoteRuntime
 from ..providers.capabilities import SelfStopCredentials
 from ..ssh import RemoteCommandFailed, sh_path
@@ -58,10 +60,11 @@ class FreshInstall:
         # 2. the agent, before anything slow (where the startup script armed it, this keeps its clocks)
         arm(ctx, remote, record)
         # 3. the server's packages
-        missing = remote.check_deps()["missing"]
-        if missing:
-            ctx.progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(missing)})")
+        deps = remote.check_deps()
+        if deps["missing"]:
+            ctx.progress(f"{record.name}: installing orch[server] on the instance (missing: {', '.join(deps['missing'])})")
             install_server_env(ctx, remote, record)
+        ensure_multi_gpu(ctx, remote, record, deps)
         # 4. the server's token
         remote.put_bytes((record.token or "").encode(), f"{remote.runtime.home}/token")
         return remote.runtime
@@ -172,6 +175,35 @@ def install_server_env(ctx: Ctx, remote: Remote, record: InstanceRecord) -> None
     missing = remote.check_deps()["missing"]
     if missing:
         raise LifecycleError(f"after installing, the instance still lacks: {', '.join(missing)}")
+
+
+def ensure_multi_gpu(ctx: Ctx, remote: Remote, record: InstanceRecord, deps: protocol.DepsCheck) -> None:
+    """Ray Serve installed where the server will serve several GPUs (remote/server/replicas/); checked first:
+    asking for more GPUs than the instance has fails here, with the count, not in the server's log."""
+    have = int(deps.get("gpus") or 0)
+    if record.gpus is not None and record.gpus > max(1, have):
+        raise ConfigError(f"--gpus {record.gpus}: instance {record.name} has {have} GPU(s); `orch down {record.name}` then "
+                          f"`orch up {record.name} --gpus {max(1, have)}`, or leave --gpus out for all it has")
+    serving = have if record.gpus is None else record.gpus
+    if serving > 1 and not deps.get("ray", False):
+        ctx.progress(f"{record.name}: {have} GPUs: installing Ray Serve to serve them all behind one URL")
+        requirement = next((r for r in multigpu_requirements()), "ray[serve]")
+        try:
+            remote.run(f"{shlex.quote(remote.runtime.python)} -m pip install --quiet {shlex.quote(requirement)}", timeout=1800)
+        except RemoteCommandFailed as e:
+            raise LifecycleError(f"installing Ray Serve on the instance failed: {e}; `orch up {record.name} --gpus 1` serves "
+                                 f"one GPU without it") from None
+
+
+def multigpu_requirements() -> list[str]:
+    """orch[multigpu]'s requirements, as this installation declares them."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("orch") or []
+    except PackageNotFoundError:
+        reqs = []
+    return [r.split(";")[0].strip() for r in reqs if "extra == \"multigpu\"" in r or "extra == 'multigpu'" in r]
 
 
 def agent_config(provider: Provider, name: str, price_per_hour: float, deadlines: Deadlines, created_at: float) -> dict[str, Any]:

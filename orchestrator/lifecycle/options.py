@@ -32,6 +32,7 @@ class UpOptions:
     provision_timeout: float = 600.0
     # From --from-image: the provider's own images of it, by (provider, region): an offer there boots from one.
     native_images: dict[tuple[str, str], str] = field(default_factory=dict)
+    gpus: int | None = None  # the server's replicas, one per GPU; None: all the instance has
 
     @property
     def create_only(self) -> dict[str, object]:
@@ -43,6 +44,8 @@ class UpOptions:
 def check(opts: UpOptions, settings: Settings, providers: list[Provider]) -> UpOptions:
     """Every input of `up`, before anything is created; a ConfigError names what to fix."""
     inputs.instance_name(opts.name)
+    if opts.gpus is not None:
+        inputs.gpu_count(opts.gpus, what="--gpus")
     if opts.tunnel_port is not None:
         inputs.port(opts.tunnel_port, what="--port")
     if opts.max_price is not None:

@@ -108,7 +108,8 @@ def create(ctx: Ctx, opts: UpOptions, offers: list[Offer]) -> tuple[InstanceReco
     run_id = secrets.token_hex(8)
     ctx.state.insert(InstanceRecord(name=opts.name, provider=offers[0].provider, state=LifecycleState.PROVISIONING.value,
                                     created_at=now, updated_at=now, token=secrets.token_urlsafe(32), run_id=run_id,
-                                    owner=this_process(), deadlines=opts.deadlines, models=tuple(opts.models or ())),
+                                    owner=this_process(), deadlines=opts.deadlines, models=tuple(opts.models or ()),
+                                    gpus=opts.gpus),
                      detail=f"up: create (run {run_id})")
     key = ctx.key()
     attempts: list[Attempt] = []
@@ -209,6 +210,8 @@ def restart(ctx: Ctx, record: InstanceRecord, live: Instance, opts: UpOptions) -
         changes["models"] = tuple(opts.models)
     if opts.price_per_hour is not None:
         changes["price_per_hour"] = opts.price_per_hour
+    if opts.gpus is not None:
+        changes["gpus"] = opts.gpus
     ctx.move(record.name, LifecycleState.PROVISIONING, "up: start", **changes)
     if live.status != InstanceStatus.RUNNING:
         if not provider.capabilities.can_start:

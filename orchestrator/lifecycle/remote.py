@@ -128,8 +128,9 @@ class Remote:
     def check_deps(self) -> protocol.DepsCheck:
         return cast(protocol.DepsCheck, self._call(protocol.CTL_MODULE, protocol.CHECK_DEPS))
 
-    def start_server(self) -> protocol.StartResult:
-        return cast(protocol.StartResult, self._call(protocol.CTL_MODULE, protocol.START_SERVER))
+    def start_server(self, gpus: int | None = None) -> protocol.StartResult:
+        return cast(protocol.StartResult, self._call(protocol.CTL_MODULE, protocol.START_SERVER, "--gpus",
+                                                     "all" if gpus is None else str(gpus)))
 
     def wait_server(self, timeout: float) -> protocol.ServerInfo:
         return cast(protocol.ServerInfo, self._call(protocol.CTL_MODULE, protocol.WAIT_SERVER, "--timeout", str(timeout),

@@ -13,7 +13,7 @@ from .remote import Remote
 def start_server(ctx: Ctx, remote: Remote, record: InstanceRecord, timeout: float) -> protocol.ServerInfo:
     """Start the server (on the instance's 127.0.0.1) and wait until its model is loaded."""
     ctx.progress(f"{record.name}: starting the image server and loading the model")
-    remote.start_server()
+    remote.start_server(record.gpus)
     info = remote.wait_server(timeout)
     health = info.get("health") or {}
     if health.get("demo"):

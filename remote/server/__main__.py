@@ -19,6 +19,9 @@ def main() -> None:
     parser.add_argument("--home", required=True, help="orch's directory on the instance (token, models, state)")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
     parser.add_argument("--device", default=None, help="cuda or cpu; default: cuda where present")
+    parser.add_argument("--gpus", default="all",
+                        help="GPUs to serve from, one replica each, behind the one port (Ray Serve); 'all' (default) "
+                             "or a number. With --device cpu, N replicas share the CPU (tests)")
     args = parser.parse_args()
 
     home = Path(os.path.expanduser(args.home))
@@ -63,13 +66,45 @@ def main() -> None:
     tmp.write_text(json.dumps({"pid": os.getpid(), "port": port}))
     tmp.replace(info)
 
-    app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))
+    replicas = replica_count(args.gpus, args.device)
+    if replicas > 1:
+        from .replicas import cluster, registry
+        from .replicas.ingress import Ingress, create_ingress
+
+        registry.clear(home)
+        handle = cluster.start(home, replicas, args.device)
+        app = create_ingress(Ingress(home, handle, replicas))
+    else:
+        app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     from .agent_guard import start_agent_guard
 
     start_agent_guard(home, shutting_down=lambda: server.should_exit)  # re-arms a killed auto-shutdown agent
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if replicas > 1:
+            cluster.stop()
+
+
+def replica_count(gpus: str, device: str | None) -> int:
+    """How many replicas to run: 1 means this process serves the app itself (no Ray in the path)."""
+    from .replicas.cluster import visible_gpus
+
+    if gpus == "all":
+        return max(1, visible_gpus()) if device != "cpu" else 1
+    try:
+        wanted = int(gpus)
+    except ValueError:
+        raise SystemExit(f"--gpus: expected 'all' or a number, got {gpus!r}") from None
+    if wanted < 1:
+        raise SystemExit(f"--gpus: at least 1, got {wanted}")
+    if device != "cpu":
+        available = visible_gpus()
+        if wanted > max(1, available):
+            raise SystemExit(f"--gpus {wanted}: this instance has {available} GPU(s); ask for at most {max(1, available)}")
+    return wanted
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ BEAT_S = 5.0  # well inside the agent's LEASE_S (30 s)
 class Activity:
     """When the last generation request came and ended, on the instance disk for the agent."""
 
-    def __init__(self, state_dir: Path, beat_s: float = BEAT_S):
-        self.path = state_dir / "activity.json"
+    def __init__(self, state_dir: Path, beat_s: float = BEAT_S, name: str = "activity.json"):
+        self.path = state_dir / name
         self.reserve = Reserve(state_dir / "agent" / "reserve")
         self.lock = threading.Lock()
         self.in_flight = 0

@@ -41,7 +41,7 @@ def create_app(settings: ServerSettings, *, models: ModelManager | None = None) 
                                     compile_backend=settings.compile_backend, cudnn_benchmark=settings.cudnn_benchmark)
     service: GenerationService | None = None
     engine = Engine(lambda jobs, engine: service.execute(jobs, engine), max_batch=settings.max_batch)
-    state = ServerState(settings=settings, models=models, engine=engine, activity=Activity(settings.state_dir))
+    state = ServerState(settings=settings, models=models, engine=engine, activity=Activity(settings.state_dir, name=settings.activity_name))
     service = GenerationService(state)
 
     @asynccontextmanager

@@ -30,6 +30,7 @@ class ServerSettings:
     precompiled_dir: Path | None = None  # ORCH_PRECOMPILED_DIR: saved standalone compiled graphs
     cudnn_benchmark: bool = False  # ORCH_CUDNN_BENCHMARK
     keep_outputs: bool = True  # ORCH_KEEP_OUTPUTS=0: generated images are not kept under state_dir/outputs (the gallery)
+    activity_name: str = "activity.json"  # under state_dir; a GPU replica writes its own (replicas/replica.py)
 
     @property
     def outputs_dir(self) -> Path:
@@ -37,7 +38,7 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, token: str, models_dir: Path, state_dir: Path, device: str | None = None,
-                 environ: Mapping[str, str] = os.environ) -> ServerSettings:
+                 environ: Mapping[str, str] = os.environ, activity_name: str = "activity.json") -> ServerSettings:
         compile_flag = environ.get("ORCH_COMPILE")
         precompiled = environ.get("ORCH_PRECOMPILED_DIR")
         return cls(
@@ -50,6 +51,7 @@ class ServerSettings:
             precompiled_dir=Path(precompiled) if precompiled else None,
             cudnn_benchmark=environ.get("ORCH_CUDNN_BENCHMARK") == "1",
             keep_outputs=environ.get("ORCH_KEEP_OUTPUTS", "1") != "0",
+            activity_name=activity_name,
         )
 
     def as_dict(self) -> dict[str, Any]:

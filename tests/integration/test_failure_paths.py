@@ -37,6 +37,10 @@ def _nothing_created(orch, orch_home: Path) -> None:
     (["--idle", "nan"], "--idle"),
     (["--model", "my-model"], "--model my-model"),
     (["--from-image", "img"], "--from-image"),
+    (["--gpus", "0"], "--gpus"),
+    (["--gpus", "two"], "--gpus"),
+    (["--gpus", "1.5"], "--gpus"),
+    (["--gpus", "1000"], "--gpus"),
 ])
 def test_bad_up_input_is_refused_before_anything_is_created(orch, orch_home, args, says):
     r = orch("up", "x", *args, "--detach", "--json", check=False)
@@ -137,6 +141,16 @@ def test_a_stray_that_only_keeps_a_disk_is_reported_and_gc_terminate_removes_it(
     assert not (orch_home / "local" / up["instance_id"]).exists()
 
 
+def test_more_gpus_than_the_instance_has_is_refused_and_nothing_bills(orch, orch_home):
+    r = orch("up", "many", "--gpus", "2", "--detach", "--json", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "--gpus 2" in r.json["error"] and "has 0 GPU(s)" in r.json["error"] and "orch up many --gpus 1" in r.json["error"]
+    status = orch("status", "many", "--json").json
+    assert status["status"] == "STOPPED"
+    assert instance_processes(status["instance_id"]) == [], "nothing of it runs (or bills)"
+    orch("down", "many", "--terminate")
+
+
 def _kill_agent(orch_home: Path, instance_id: str) -> None:
     agent = orch_home / "local" / instance_id / "disk" / ".orch" / "agent"
     pids = [json.loads((agent / f).read_text())["pid"] for f in ("supervisor.json", "agent.json")]
@@ -156,6 +170,8 @@ def test_attaching_repairs_what_died_and_applies_the_flags_it_was_given(orch, or
     assert orch("status", "fix", "--json").json["deadlines"]["idle"].startswith(("59m", "1h"))
     refused = orch("up", "fix", "--gpu", "H100", "--json", check=False)
     assert refused.returncode == 1 and "--gpu" in refused.json["error"] and "orch down fix" in refused.json["error"]
+    refused = orch("up", "fix", "--gpus", "2", "--json", check=False)  # the running server keeps its GPUs
+    assert refused.returncode == 1 and "--gpus" in refused.json["error"] and "orch down fix" in refused.json["error"]
 
     # 2. The server dies: gen says so in one line; `up` starts it again and gen works.
     server = json.loads((orch_home / "local" / up["instance_id"] / "disk" / ".orch" / "server.json").read_text())["pid"]

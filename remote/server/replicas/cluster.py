@@ -1,0 +1,83 @@
+"""Ray and Ray Serve on this instance only, with one replica of the server per GPU.
+
+Ray starts here, as a child of the server process, and shares its fate: when the server
+exits or is killed, Ray's processes and the replicas go with it (Ray's head processes watch
+the driver that started them). Everything listens on 127.0.0.1; no dashboard, no Serve HTTP
+proxy (the ingress is orch's own), no usage statistics sent anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("orch.server")
+
+APP = "orch"
+DEPLOYMENT = "gpu"
+
+
+class RayMissing(RuntimeError):
+    pass
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch (the ingress never touches CUDA)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        if lib.cuInit(0) != 0:
+            return 0
+        count = ctypes.c_int()
+        return count.value if lib.cuDeviceGetCount(ctypes.byref(count)) == 0 else 0
+    except OSError:
+        return 0
+
+
+def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: int = 64):
+    """Start Ray and the deployment; returns the Serve handle of the replicas (they load their model in the background)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the instance
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:
+        raise RayMissing(f"serving several GPUs needs Ray Serve (pip install 'ray[serve]'): {e}") from None
+
+    from .replica import GpuReplica
+
+    on_gpu = device != "cpu"
+    here = str(Path(__file__).resolve().parents[3])  # the folder that holds remote/
+    env = {k: v for k, v in os.environ.items() if k.startswith(("ORCH_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_",
+                                                                  "DIFFUSERS_", "PYTORCH_", "NCCL_", "RAY_"))}
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=replicas if on_gpu else 0, include_dashboard=False,
+             _node_ip_address="127.0.0.1", namespace="orch", log_to_driver=True, configure_logging=False,
+             object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": env})
+    serve.start(http_options={"location": "NoServer"}, logging_config={"log_level": "WARNING"})
+    deployment = serve.deployment(
+        GpuReplica, name=DEPLOYMENT, num_replicas=replicas,
+        ray_actor_options={"num_gpus": 1 if on_gpu else 0, "num_cpus": 0},
+        max_ongoing_requests=max_ongoing_requests,
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+    handle = serve.run(deployment.bind(str(home), device), name=APP, route_prefix=None)
+    log.info("Ray Serve: %d replicas of the server (%s), python %s", replicas, "one GPU each" if on_gpu else "CPU",
+             sys.version.split()[0])
+    return handle
+
+
+def stop() -> None:
+    try:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    except Exception as e:  # shutting down: say it, then let the process end (Ray's processes share its fate)
+        log.warning("Ray shutdown: %s", e)
