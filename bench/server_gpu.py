@@ -44,11 +44,12 @@ def log(msg: str) -> None:
 
 
 class Server:
-    def __init__(self, home: Path, env: dict[str, str]):
+    def __init__(self, home: Path, env: dict[str, str], extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "remote.server", "--home", str(home), "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "remote.server", "--home", str(home), "--port", str(self.port),
+                                      *extra_args],
                                      env=env, stdout=open(home / f"server-{self.port}.log", "wb"), stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1])
         self.home = home

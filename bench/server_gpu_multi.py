@@ -1,0 +1,154 @@
+"""One GPU vs every GPU behind the one URL (issue 18), in one run on a multi-GPU machine.
+
+Run on a machine with 2+ GPUs: python bench/server_gpu_multi.py [--gpus 2] [--out DIR]
+CPU smoke (CI): python bench/server_gpu_multi.py --smoke (two CPU replicas of the demo model)
+
+A random-weight SD1.5 (speed does not depend on weights), 512x512, 30 steps, CFG 7, fp16:
+  1. `python -m remote.server --gpus 1` (no Ray in the path): images/s with 16 concurrent clients;
+  2. `python -m remote.server --gpus N` (Ray Serve, one replica per GPU, the same home, so the
+     replicas load the graphs the first server compiled): the same clients; the ratio (goal >= 1.9x
+     with 2 GPUs);
+  3. a batch job of 200 requests handed out by orch batch's dispatcher (orchestrator/batch/) to
+     each server as it would be through a tunnel: images/s, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from server_gpu import TOKEN, Server, log
+
+
+def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) -> tuple[float, dict]:
+    errors: list[str] = []
+    served: dict[str, int] = {}
+    batch_sizes: list[int] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(rounds):
+            try:
+                r = server.client.post(f"{server.base}/sdapi/v1/txt2img", headers={"Authorization": f"Bearer {TOKEN}"},
+                                       json={**body, "prompt": f"{body['prompt']}, client {c} take {k}", "seed": 1000 + 100 * c + k})
+                r.raise_for_status()
+                with lock:
+                    rep = r.headers.get("x-orch-replica", "-")
+                    served[rep] = served.get(rep, 0) + 1
+                    batch_sizes.append(json.loads(r.json()["info"])["orch_batch_images"])
+            except Exception as e:  # counted, not hidden
+                errors.append(f"{type(e).__name__}: {e}")
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    return (clients * rounds - len(errors)) / elapsed, {"errors": errors[:3], "error_count": len(errors), "served": served,
+                                                        "batch_sizes": {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))}}
+
+
+def batch_images_per_s(server: Server, body: dict, n: int, out: Path) -> tuple[float, dict]:
+    """n requests through orch batch's dispatcher, results written to a folder as `orch batch` writes them."""
+    from orchestrator.batch.dispatch import Dispatcher, Endpoint, gpus_from_health, read_health
+    from orchestrator.batch.jobs import parse_lines
+    from orchestrator.batch.results import DirectoryResults
+
+    lines = [json.dumps({**body, "prompt": f"{body['prompt']}, batch item {i}", "seed": 5000 + i}) for i in range(n)]
+    jobs = parse_lines(lines, source="bench")
+    results = DirectoryResults(out)
+    dispatcher = Dispatcher(jobs, results)
+    gpus = gpus_from_health(read_health(server.base))
+    t = time.perf_counter()
+    dispatcher.add(Endpoint(name="bench", url=server.base, token=TOKEN, gpus=gpus))
+    dispatcher.wait(3600)
+    elapsed = time.perf_counter() - t
+    stats = dispatcher.stats()
+    dispatcher.close()
+    return stats.get("done", 0) / elapsed, {**stats, "gpus": gpus, "seconds": round(elapsed, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="demo model, two CPU replicas, a few steps (CI)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=4, help="requests each client sends, one after another")
+    parser.add_argument("--batch", type=int, default=200, help="requests in the batch job; 0 skips it")
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--home")
+    args = parser.parse_args()
+
+    import torch
+
+    smoke = args.smoke
+    steps, side = (2, 64) if smoke else (30, 512)
+    clients, rounds, n_batch = (4, 2, min(args.batch, 8)) if smoke else (args.clients, args.rounds, args.batch)
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="orch-bench-multi-"))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "token").write_text(TOKEN)
+    if smoke:
+        from remote.server.demo_model import ensure_demo_model
+
+        ensure_demo_model(home / "models")
+    else:
+        from remote.server.architectures import build_random_pipeline
+
+        build_random_pipeline("sd15", dtype=torch.float16, device="cuda").save_pretrained(home / "models" / "sd15-random")
+        torch.cuda.empty_cache()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.update({"ORCH_COMPILE": "0", "ORCH_WARMUP": "0"} if smoke else {"ORCH_WARMUP": f"{side}x{side}:1,8"})
+    device = ("--device", "cpu") if smoke else ()
+    body = {"prompt": "a cat on a castle", "steps": steps, "width": side, "height": side, "cfg_scale": 7.0,
+            "sampler_name": "Euler", "send_images": True}
+    results: dict = {"device": "cpu" if smoke else torch.cuda.get_device_name(), "gpus": args.gpus, "size": side,
+                     "steps": steps, "clients": clients, "rounds": rounds}
+
+    for label, gpus in (("one_gpu", 1), ("all_gpus", args.gpus)):
+        t = time.perf_counter()
+        server = Server(home, env, (*device, "--gpus", str(gpus)))
+        try:
+            health = server.wait_ready(1800)
+            if not smoke:
+                server.wait_compiled(1800)
+            results[f"{label}_start_to_ready_s"] = round(time.perf_counter() - t, 1)
+            for i in range(2):  # warm: every replica has seen a request
+                server.txt2img({**body, "seed": i})
+            ips, extra = clients_images_per_s(server, body, clients, rounds)
+            results[f"{label}_images_per_s"] = ips
+            results[f"{label}_clients"] = extra
+            log(f"{label} ({gpus} GPU, {len(health.get('replicas', [])) or 1} replica(s)): {ips:.2f} images/s, {extra}")
+            if n_batch:
+                bps, stats = batch_images_per_s(server, body, n_batch, home / f"batch-{label}")
+                results[f"{label}_batch_images_per_s"] = bps
+                results[f"{label}_batch"] = stats
+                log(f"{label}: batch of {n_batch}: {bps:.2f} images/s ({stats})")
+        finally:
+            server.stop()
+
+    results["ratio_clients"] = results["all_gpus_images_per_s"] / results["one_gpu_images_per_s"]
+    if n_batch:
+        results["ratio_batch"] = results["all_gpus_batch_images_per_s"] / results["one_gpu_batch_images_per_s"]
+    print()
+    print(f"{results['device']}, SD1.5 {side}x{side}, {steps} steps, CFG 7; {clients} concurrent clients x {rounds} requests")
+    print(f"{'images/s, 1 GPU (no Ray)':<44}{results['one_gpu_images_per_s']:>10.2f}")
+    print(f"{f'images/s, {args.gpus} GPUs through one URL (Ray Serve)':<44}{results['all_gpus_images_per_s']:>10.2f}")
+    print(f"{'ratio':<44}{results['ratio_clients']:>10.2f}x")
+    if n_batch:
+        print(f"{f'batch of {n_batch}, images/s, 1 GPU':<44}{results['one_gpu_batch_images_per_s']:>10.2f}")
+        print(f"{f'batch of {n_batch}, images/s, {args.gpus} GPUs':<44}{results['all_gpus_batch_images_per_s']:>10.2f}")
+        print(f"{'ratio':<44}{results['ratio_batch']:>10.2f}x")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"server_gpu_multi_{'smoke' if smoke else 'sd15'}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
