@@ -75,12 +75,24 @@ def batch_images_per_s(server: Server, body: dict, n: int, out: Path) -> tuple[f
     return stats.get("done", 0) / elapsed, {**stats, "gpus": gpus, "seconds": round(elapsed, 2)}
 
 
+def wait_background_warmup(server: Server, timeout: float = 1200) -> None:
+    """Until every replica has compiled its other batch sizes (they run uncompiled meanwhile)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = httpx.get(f"{server.base}/healthz", timeout=10).json()
+        if all(r.get("background_warmup") != "running" for r in [h, *h.get("replicas", [])]):
+            return
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="demo model, two CPU replicas, a few steps (CI)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=4, help="requests each client sends, one after another")
+    parser.add_argument("--rounds", type=int, default=10, help="requests each client sends, one after another (the steady state, not the ramp)")
     parser.add_argument("--batch", type=int, default=200, help="requests in the batch job; 0 skips it")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--home")
@@ -118,6 +130,7 @@ def main() -> None:
             health = server.wait_ready(1800)
             if not smoke:
                 server.wait_compiled(1800)
+                wait_background_warmup(server)
             results[f"{label}_start_to_ready_s"] = round(time.perf_counter() - t, 1)
             for i in range(2):  # warm: every replica has seen a request
                 server.txt2img({**body, "seed": i})

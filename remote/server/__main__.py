@@ -72,7 +72,8 @@ def main() -> None:
         from .replicas.ingress import Ingress, create_ingress
 
         registry.clear(home)
-        handle = cluster.start(home, replicas, args.device)
+        max_batch = ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home).max_batch
+        handle = cluster.start(home, replicas, args.device, max_ongoing_requests=max_batch)
         app = create_ingress(Ingress(home, handle, replicas))
     else:
         app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))

@@ -40,8 +40,13 @@ def visible_gpus() -> int:
         return 0
 
 
-def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: int = 64):
-    """Start Ray and the deployment; returns the Serve handle of the replicas (they load their model in the background)."""
+def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: int = 8):
+    """Start Ray and the deployment; returns the Serve handle of the replicas (they load their model in the background).
+
+    max_ongoing_requests is the engine's largest batch: a replica takes no more requests than
+    fit in one batch, and the rest wait at Ray's router for the first replica with room. Without
+    the cap, 16 clients on two GPUs settled as 9 + 7 (one GPU running batches of 8 and of 1, the
+    other batches of 7 padded to 8): 8.9 images/s on two H200s where one gave 6.5."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the instance
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
