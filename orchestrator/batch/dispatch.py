@@ -7,7 +7,8 @@ answered: a faster instance takes more. What happens to a request:
 - refused by the server (a 4xx): failed, with the server's message (running it again would fail again);
 - the instance did not answer (connection lost, timed out) or failed (a 5xx): back to the queue, for
   another instance where there is one, up to MAX_ATTEMPTS tries; an instance that does not answer
-  its /healthz either, or fails STRIKES times in a row, is given up (on_dead) and its slots end.
+  its /healthz either, or leaves STRIKES requests in a row unanswered, is given up (on_dead) and its
+  slots end (a 5xx is an answer: its server lives, and takes the next request).
 When every instance is gone and none is still starting, the job ends with the reason.
 """
 
@@ -260,11 +261,8 @@ class Dispatcher:
         elif 400 <= r.status_code < 500:
             self._finish(live, Outcome(job, False, name, error=f"refused by the server ({r.status_code}): {_detail(r)}",
                                        seconds=seconds))
-        else:
-            live.strikes += 1
+        else:  # the server answers, so it lives: the request is tried again, a bounded number of times
             self._retry(job, name, f"{name}: server error {r.status_code}: {_detail(r)}")
-            if live.strikes >= STRIKES:
-                self._give_up(live, f"{STRIKES} server errors in a row (last: {r.status_code} {_detail(r)})")
 
     def _retry(self, job: Job, name: str, reason: str, count: bool = True) -> None:
         with self._cond:

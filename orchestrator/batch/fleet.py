@@ -101,9 +101,11 @@ class Fleet:
             self._progress(f"{m.name}: serving ({gpus} GPU{'s' if gpus > 1 else ''}: {2 * gpus} requests in flight)")
             on_ready(Endpoint(m.name, m.url, record.token, gpus))
         except BaseException as e:
-            m.start_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             m.start_exception = e
-            if not self.stopping.is_set():
+            if self.stopping.is_set():
+                m.start_error = "stopped while it started: the job ended"
+            else:
+                m.start_error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 self._progress(f"{m.name}: did not start: {m.start_error}")
             on_failed(m.name, m.start_error)
 
@@ -117,6 +119,7 @@ class Fleet:
                 record = self._main.state.get(m.name)
                 if record is None:
                     continue
+                m.provider, m.instance_id = record.provider, record.instance_id or m.instance_id
                 before = m.cost_before if record.created_at == m.created_at else 0.0
                 m.cost = max(0.0, self._main.cost(record) - before)
                 m.price_per_hour, m.currency = record.price_per_hour, record.currency

@@ -21,8 +21,19 @@ from ..errors import ConfigError, StorageError
 from .jobs import KEY_HEX
 
 _KEY_FILE = re.compile(r"([0-9a-f]{%d})\.json" % KEY_HEX)
+_TMP_FILE = re.compile(r"\.[0-9a-f]{%d}[-0-9]*\.(?:png|json)\.(\d+)-\d+\.tmp" % KEY_HEX)
 # S3's bucket rules (3-63 lower-case letters, digits, dots and dashes, starting and ending with a letter or digit).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return pid != 0
 
 
 def image_names(key: str, count: int) -> list[str]:
@@ -66,6 +77,10 @@ class DirResults:
             names = os.listdir(self.path)
         except FileNotFoundError:
             return set()
+        for name in names:  # what a killed run was writing: never under a real name, removed here
+            m = _TMP_FILE.fullmatch(name)
+            if m and not _alive(int(m.group(1))):
+                (self.path / name).unlink(missing_ok=True)
         return {m.group(1) for m in map(_KEY_FILE.fullmatch, names) if m}
 
     def _write(self, name: str, data: bytes) -> None:
@@ -76,7 +91,10 @@ class DirResults:
                 f.write(data)
             os.replace(tmp, final)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise StorageError(f"cannot write {final}: {e.strerror or e}; free space or pick another -o, then run again "
                                f"(what is done is kept)") from None
 

@@ -204,7 +204,8 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
     result.cost_usd = sum(m.cost for m in fleet.members if m.currency == "USD")
     result.instances = [{**m.as_json(), "requests": stats["instances"].get(m.name, {}).get("requests", 0),
                          "images": stats["instances"].get(m.name, {}).get("images", 0),
-                         "gpus": stats["instances"].get(m.name, {}).get("gpus")} for m in fleet.members]
+                         "gpus": stats["instances"].get(m.name, {}).get("gpus"),
+                         "given_up": stats["instances"].get(m.name, {}).get("given_up")} for m in fleet.members]
     result.stop_failures = [f"{m.name}: {m.stop_error}" for m in failed_stops]
     if not result.interrupted:
         result.error = dispatcher.error
