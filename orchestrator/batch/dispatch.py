@@ -101,12 +101,14 @@ class _Live:
 class Dispatcher:
     def __init__(self, jobs: list[Job], results: ResultStore, *, timeout: float = 600.0,
                  on_outcome: Callable[[Outcome], None] | None = None, on_dead: Callable[[str, str], None] | None = None,
+                 on_retry: Callable[[Job, str], None] | None = None,
                  transport: httpx.BaseTransport | None = None, max_attempts: int = MAX_ATTEMPTS):
         self.results = results
         self.timeout = timeout
         self.max_attempts = max_attempts
         self._on_outcome = on_outcome or (lambda o: None)
         self._on_dead = on_dead or (lambda name, why: None)
+        self._on_retry = on_retry or (lambda job, why: None)
         self._transport = transport
         self._cond = threading.Condition(threading.RLock())
         self._queue: deque[Job] = deque(jobs)
@@ -120,6 +122,7 @@ class Dispatcher:
         self._closed = False
         self.done = 0
         self.images = 0
+        self.retries = 0
         self.failures: list[Outcome] = []
         self.first_ready: float | None = None
 
@@ -194,6 +197,7 @@ class Dispatcher:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {"done": self.done, "failed": len(self.failures), "pending": self._pending, "images": self.images,
+                    "retries": self.retries,
                     "instances": {name: {"requests": lv.requests, "images": lv.images, "gpus": lv.endpoint.gpus,
                                          "given_up": lv.dead} for name, lv in self._live.items()},
                     "serving": sum(1 for lv in self._live.values() if not lv.dead)}
@@ -272,8 +276,13 @@ class Dispatcher:
                 failed = Outcome(job, False, name, error=f"{reason}; gave up after {tries} tries")
             else:
                 self._queue.appendleft(job)
+                self.retries += 1
                 self._cond.notify_all()
-                return
+                failed = None
+        if failed is None:
+            if not self._closed:
+                self._on_retry(job, reason)
+            return
         self._finish(self._live[name], failed)
 
     def _strike(self, live: _Live, error: Exception) -> None:

@@ -14,6 +14,7 @@ it once its thread has ended.
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from ..errors import OrchError
 from ..lifecycle import Orchestrator, UpOptions
 from ..lifecycle.context import Progress
+from ..lifecycle.states import BILLING_STATES, LifecycleState
 from ..tunnel import Tunnel
 from .dispatch import Endpoint, gpus_from_health, read_health
 
@@ -56,6 +58,24 @@ class Member:
                 "start_error": self.start_error, "stop_error": self.stop_error}
 
 
+def plan(orch: Orchestrator, prefix: str, k: int, count: int) -> tuple[list[str], list[str]]:
+    """(the names to start, the job's other instances that may bill): of PREFIX-1..K, those running
+    first (attaching costs nothing), then those stopped (their disk is ready), then new ones. The
+    job's instances of an earlier run (a larger -k, a killed run) that still bill are the others."""
+    pattern = re.compile(re.escape(prefix) + r"-(\d+)")
+    existing = {r.name: r.state for r in orch.state.all() if pattern.fullmatch(r.name)}
+    names = [f"{prefix}-{i}" for i in range(1, k + 1)]
+
+    def rank(name: str) -> int:
+        state = existing.get(name)
+        return 0 if state == LifecycleState.RUNNING else 1 if state not in (None, LifecycleState.TERMINATED) else 2
+
+    start = sorted(sorted(names, key=rank)[:count], key=names.index)
+    others = sorted((n for n, state in existing.items() if n not in start and state in BILLING_STATES),
+                    key=lambda n: int(pattern.fullmatch(n).group(1)))  # type: ignore[union-attr]
+    return start, others
+
+
 def free_port() -> int:
     """A port for the tunnel, so the job leaves orch up's default port to the user."""
     with socket.socket() as s:
@@ -64,21 +84,31 @@ def free_port() -> int:
 
 
 class Fleet:
-    def __init__(self, make_orch: Callable[[], Orchestrator], names: list[str], template: UpOptions, progress: Progress):
+    def __init__(self, make_orch: Callable[[], Orchestrator], names: list[str], template: UpOptions, progress: Progress,
+                 others: list[str] = (), main: Orchestrator | None = None):
+        """names: the instances to start; others: the job's instances this run does not need (stopped at once)."""
         self._make = make_orch
         self._template = template
         self._progress = progress
-        self._main = make_orch()  # the calling thread's: costs, and stopping
+        self._main = main or make_orch()  # the calling thread's: costs, and stopping
         self.members = [Member(name) for name in names]
+        self.others = [Member(name) for name in others]
         self.stopping = threading.Event()
-        for m in self.members:
+        for m in self.members + self.others:
             record = self._main.state.get(m.name)
             if record is not None:
                 m.cost_before, m.created_at = self._main.cost(record), record.created_at
 
+    @property
+    def all(self) -> list[Member]:
+        return self.members + self.others
+
     # -- starting ------------------------------------------------------------------------
 
     def start(self, on_ready: Callable[[Endpoint], None], on_failed: Callable[[str, str], None]) -> None:
+        for m in self.others:
+            self._progress(f"{m.name}: an instance of this job this run does not need is running; stopping it")
+            self.stop(m.name, "not needed")
         for m in self.members:
             m.thread = threading.Thread(target=self._up, args=(m, on_ready, on_failed), name=f"up-{m.name}", daemon=True)
             m.thread.start()
@@ -114,7 +144,7 @@ class Fleet:
     def cost(self) -> float:
         """What the job's instances have cost since it began (price per hour x time billing, as `orch status` counts)."""
         total = 0.0
-        for m in self.members:
+        for m in self.all:
             try:
                 record = self._main.state.get(m.name)
                 if record is None:
@@ -132,7 +162,7 @@ class Fleet:
 
     def stop(self, name: str, why: str) -> None:
         """Stop one instance now (the job gave it up), on a thread of its own."""
-        m = next(m for m in self.members if m.name == name)
+        m = next(m for m in self.all if m.name == name)
         threading.Thread(target=self._down, args=(m, why), name=f"down-{name}", daemon=True).start()
 
     def _down(self, m: Member, why: str) -> None:
@@ -172,12 +202,12 @@ class Fleet:
             if m.thread:
                 m.thread.join(JOIN_S)
         threads = [threading.Thread(target=self._down, args=(m, "the job ended"), daemon=True)
-                   for m in self.members if self._exists(m)]
+                   for m in self.all if self._exists(m)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        for m in self.members:
+        for m in self.all:
             if m.tunnel is not None:
                 m.tunnel.close()
                 try:
@@ -187,7 +217,7 @@ class Fleet:
             if not self._exists(m) and m.status is None:
                 m.status = "NOT CREATED"
         self.cost()
-        return [m for m in self.members if m.stop_error]
+        return [m for m in self.all if m.stop_error]
 
     def _instance_id(self, m: Member) -> str | None:
         try:

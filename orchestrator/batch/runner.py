@@ -25,7 +25,7 @@ from ..lifecycle import Orchestrator, UpOptions
 from ..lifecycle.context import Progress
 from . import jobs as jobs_file
 from .dispatch import Dispatcher, Outcome
-from .fleet import Fleet
+from .fleet import Fleet, plan
 from .results import open_results
 
 MAX_INSTANCES = 64
@@ -54,6 +54,7 @@ class BatchResult:
     generation_seconds: float = 0.0  # from the first instance serving to the end
     cost_usd: float = 0.0
     duplicates: int = 0
+    retries: int = 0  # requests sent again (an instance did not answer, or failed with a 5xx)
     instances: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # why the job ended before its end
     interrupted: bool = False
@@ -66,7 +67,7 @@ class BatchResult:
     def as_json(self) -> dict[str, Any]:
         out = {
             "done": self.done, "skipped": self.skipped, "failed": len(self.failures), "total": self.total,
-            "duplicates": self.duplicates, "images": self.images, "seconds": round(self.seconds, 3),
+            "duplicates": self.duplicates, "retries": self.retries, "images": self.images, "seconds": round(self.seconds, 3),
             "generation_seconds": round(self.generation_seconds, 3),
             "images_per_s": round(self.images / self.generation_seconds, 4) if self.generation_seconds else 0.0,
             "cost_usd": round(self.cost_usd, 6), "instances": self.instances, "output": self.output,
@@ -156,20 +157,27 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
     done = results.done_keys()
     todo = [job for job in loaded.jobs if job.key not in done]
     result.skipped = len(loaded.jobs) - len(todo)
+    # 3. the instances (those of this job already running first), and the work handed out as each comes up
+    prefix = opts.prefix or job_prefix(loaded.digest, results.url)
+    instance_names(prefix, opts.instances)
+    main = make_orch()
+    names, others = plan(main, prefix, opts.instances, min(opts.instances, len(todo)))
+    fleet = Fleet(make_orch, names, opts.up, progress, others=others, main=main)
     if not todo:
-        result.seconds = time.monotonic() - started
         progress(f"all {len(loaded.jobs)} request(s) are already in {results.url}: nothing to do")
+        if others:
+            fleet.start(lambda endpoint: None, lambda name, why: None)
+            _finish(result, fleet, None, fleet.stop_all(), progress)
+        result.seconds = time.monotonic() - started
         return result
-    # 3. the instances, and the work handed out as each comes up
-    names = instance_names(opts.prefix or job_prefix(loaded.digest, results.url), min(opts.instances, len(todo)))
-    fleet = Fleet(make_orch, names, opts.up, progress)
 
     def dead(name: str, why: str) -> None:
         progress(f"{name}: given up ({why}); its requests go to the other instances; stopping it")
         fleet.stop(name, why)
 
     dispatcher = Dispatcher(todo, results, timeout=opts.timeout, on_dead=dead,
-                            on_outcome=lambda o: view.outcome(o, dispatcher.stats()))
+                            on_outcome=lambda o: view.outcome(o, dispatcher.stats()),
+                            on_retry=lambda job, why: progress(f"line {job.line}: {why}; back in the queue"))
     dispatcher.expect(len(names))
     progress(f"{len(todo)} request(s) to run ({result.skipped} already done) on {len(names)} instance(s): {', '.join(names)}")
     view.begin(len(todo), result.skipped, len(names))
@@ -194,22 +202,28 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
         with _signals(shielded):
             view.end()
             failed_stops = fleet.stop_all()
-    for m in failed_stops:
-        progress(f"ERROR: {m.name} ({m.provider} {m.instance_id}) may still be billing: it could not be stopped: {m.stop_error}; "
-                 f"run `orch down {m.name}` and check the provider's console")
-    stats = dispatcher.stats()
-    result.done, result.failures, result.images = dispatcher.done, list(dispatcher.failures), dispatcher.images
+    _finish(result, fleet, dispatcher, failed_stops, progress)
     result.seconds = time.monotonic() - started
-    result.generation_seconds = time.monotonic() - dispatcher.first_ready if dispatcher.first_ready else 0.0
-    result.cost_usd = sum(m.cost for m in fleet.members if m.currency == "USD")
-    result.instances = [{**m.as_json(), "requests": stats["instances"].get(m.name, {}).get("requests", 0),
-                         "images": stats["instances"].get(m.name, {}).get("images", 0),
-                         "gpus": stats["instances"].get(m.name, {}).get("gpus"),
-                         "given_up": stats["instances"].get(m.name, {}).get("given_up")} for m in fleet.members]
-    result.stop_failures = [f"{m.name}: {m.stop_error}" for m in failed_stops]
     if not result.interrupted:
         result.error = dispatcher.error
     starts = [m.start_exception for m in fleet.members]
     if all(isinstance(e, ConfigError) for e in starts) and not result.stop_failures:
         raise starts[0]  # type: ignore[misc]  # the same input error on every instance: nothing ran
     return result
+
+
+def _finish(result: BatchResult, fleet: Fleet, dispatcher: Dispatcher | None, failed_stops: list, progress: Progress) -> None:
+    """The counts, each instance's part and cost, and any instance that could not be stopped, said loudly."""
+    for m in failed_stops:
+        progress(f"ERROR: {m.name} ({m.provider} {m.instance_id}) may still be billing: it could not be stopped: {m.stop_error}; "
+                 f"run `orch down {m.name}` and check the provider's console")
+    result.stop_failures = [f"{m.name}: {m.stop_error}" for m in failed_stops]
+    result.cost_usd = sum(m.cost for m in fleet.all if m.currency == "USD")
+    stats = dispatcher.stats()["instances"] if dispatcher else {}
+    result.instances = [{**m.as_json(), "requests": stats.get(m.name, {}).get("requests", 0),
+                         "images": stats.get(m.name, {}).get("images", 0), "gpus": stats.get(m.name, {}).get("gpus"),
+                         "given_up": stats.get(m.name, {}).get("given_up"), "used": m in fleet.members} for m in fleet.all]
+    if dispatcher is not None:
+        result.done, result.failures, result.images = dispatcher.done, list(dispatcher.failures), dispatcher.images
+        result.retries = dispatcher.retries
+        result.generation_seconds = time.monotonic() - dispatcher.first_ready if dispatcher.first_ready else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -93,6 +94,9 @@ def batch(
     from ..lifecycle import Orchestrator, UpOptions
 
     bar = _Bar()
+    # An instance that stops answering is reported by the job itself (and its requests sent elsewhere):
+    # not also by paramiko, once per channel the tunnel could not open.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
     def go():
         loaded = settings()

@@ -154,3 +154,24 @@ def test_a_write_that_fails_says_where_and_what_to_do(tmp_path):
     (tmp_path / "out").write_text("")  # the directory replaced under the running job
     with pytest.raises(StorageError, match=r"cannot write .*0123456789abcdef.png.*run again \(what is done is kept\)"):
         store.put("0123456789abcdef", [b"png"], {})
+
+
+def test_a_rerun_prefers_the_jobs_running_instances_and_stops_the_ones_it_does_not_need():
+    from types import SimpleNamespace
+
+    from orchestrator.batch.fleet import plan
+    from orchestrator.state import InstanceRecord
+
+    def orch(**states):
+        records = [InstanceRecord(name.replace("_", "-"), "local", state, 0.0, 0.0) for name, state in states.items()]
+        return SimpleNamespace(state=SimpleNamespace(all=lambda: records))
+
+    # Nothing yet: PREFIX-1..count, new.
+    assert plan(orch(), "job", 3, 2) == (["job-1", "job-2"], [])
+    # A killed run left job-2 and job-3 running, job-1 stopped: one request left goes to a running one; the other is stopped.
+    assert plan(orch(job_1="STOPPED", job_2="RUNNING", job_3="RUNNING"), "job", 3, 1) == (["job-2"], ["job-3"])
+    # A stopped instance (its disk ready) is preferred to a new one; a terminated one counts as new.
+    assert plan(orch(job_1="TERMINATED", job_2="STOPPED"), "job", 2, 1) == (["job-2"], [])
+    # An earlier run with a larger -k: its instance beyond K still bills, and is stopped; other jobs' are not touched.
+    assert plan(orch(job_5="RUNNING", job_x="RUNNING", other_1="RUNNING", job_2="STARTING_SERVER"), "job", 2, 2) == \
+        (["job-1", "job-2"], ["job-5"])
