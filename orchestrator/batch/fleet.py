@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..errors import OrchError
 from ..lifecycle import Orchestrator, UpOptions
@@ -85,7 +85,7 @@ def free_port() -> int:
 
 class Fleet:
     def __init__(self, make_orch: Callable[[], Orchestrator], names: list[str], template: UpOptions, progress: Progress,
-                 others: list[str] = (), main: Orchestrator | None = None):
+                 others: Sequence[str] = (), main: Orchestrator | None = None):
         """names: the instances to start; others: the job's instances this run does not need (stopped at once)."""
         self._make = make_orch
         self._template = template
@@ -128,8 +128,9 @@ class Fleet:
             health = read_health(m.url, timeout=60)
             gpus = gpus_from_health(health)
             m.ready = True
-            self._progress(f"{m.name}: serving ({gpus} GPU{'s' if gpus > 1 else ''}: {2 * gpus} requests in flight)")
-            on_ready(Endpoint(m.name, m.url, record.token, gpus))
+            endpoint = Endpoint(m.name, m.url, record.token, gpus)
+            self._progress(f"{m.name}: serving ({gpus} GPU{'s' if gpus > 1 else ''}: {endpoint.slots} requests in flight)")
+            on_ready(endpoint)
         except BaseException as e:
             m.start_exception = e
             if self.stopping.is_set():
