@@ -5,7 +5,7 @@ One module per area registers its commands on the shared typer app (app.py).
 
 from __future__ import annotations
 
-from . import images, instances, person, storage  # noqa: F401  (registers the commands)
+from . import batch, images, instances, person, storage  # noqa: F401  (registers the commands)
 from .app import app
 
 

@@ -568,6 +568,20 @@ class S3Store:
                 out.append("" if rel == "_root" else rel)
         return sorted(out)
 
+    # -- plain objects at keys the caller names (orch batch's results) -------------------
+
+    def put_object(self, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        """One object, whole: S3 shows it complete or not at all."""
+        self._call(f"put s3://{self.bucket}/{key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                   ContentType=content_type)
+
+    def delete_object(self, key: str) -> None:
+        self._call(f"delete s3://{self.bucket}/{key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under prefix (a plain string prefix, as S3 lists)."""
+        return self._keys(prefix)
+
     # -- removal (orch image rm / gc) ----------------------------------------------------
 
     def delete_manifest(self, prefix: str) -> None:
