@@ -56,23 +56,32 @@ def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) 
 
 
 def batch_images_per_s(server: Server, body: dict, n: int, out: Path) -> tuple[float, dict]:
-    """n requests through orch batch's dispatcher, results written to a folder as `orch batch` writes them."""
+    """n requests through orch batch's dispatcher (as `orch batch` hands them to an instance through
+    its tunnel), the results written to a folder as `orch batch` writes them."""
     from orchestrator.batch.dispatch import Dispatcher, Endpoint, gpus_from_health, read_health
-    from orchestrator.batch.jobs import parse_lines
-    from orchestrator.batch.results import DirectoryResults
+    from orchestrator.batch.jobs import load
+    from orchestrator.batch.results import DirResults
 
-    lines = [json.dumps({**body, "prompt": f"{body['prompt']}, batch item {i}", "seed": 5000 + i}) for i in range(n)]
-    jobs = parse_lines(lines, source="bench")
-    results = DirectoryResults(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**body, "prompt": f"{body['prompt']}, batch item {i}", "seed": 5000 + i}) + "\n"
+                               for i in range(n)))
+    jobs = load(prompts).jobs
+    results = DirResults(out / "results")
+    results.check()
     dispatcher = Dispatcher(jobs, results)
     gpus = gpus_from_health(read_health(server.base))
     t = time.perf_counter()
+    dispatcher.expect(1)
     dispatcher.add(Endpoint(name="bench", url=server.base, token=TOKEN, gpus=gpus))
-    dispatcher.wait(3600)
+    while not dispatcher.wait(5):
+        pass
     elapsed = time.perf_counter() - t
     stats = dispatcher.stats()
     dispatcher.close()
-    return stats.get("done", 0) / elapsed, {**stats, "gpus": gpus, "seconds": round(elapsed, 2)}
+    if dispatcher.error:
+        raise SystemExit(f"the batch failed: {dispatcher.error}")
+    return stats["images"] / elapsed, {**stats, "gpus": gpus, "seconds": round(elapsed, 2)}
 
 
 def wait_background_warmup(server: Server, timeout: float = 1200) -> None:

@@ -27,7 +27,9 @@ import httpx
 from .jobs import Job
 from .results import ResultStore
 
-IN_FLIGHT_PER_GPU = 2
+# The server batches up to 8 images in one pipeline call (ORCH_MAX_BATCH): 8 in flight fill a GPU's
+# batch, 2 more are ready for the next while the answers travel back. (2 ran batches of 1.)
+IN_FLIGHT_PER_GPU = 10
 MAX_ATTEMPTS = 4
 STRIKES = 3
 

@@ -85,6 +85,7 @@ def batch(
     budget: Optional[str] = typer.Option(None, "--budget", help="USD, per instance; its agent stops it when spent."),
     heartbeat_timeout: Optional[str] = typer.Option(None, "--heartbeat-timeout"),
     price_per_hour: Optional[str] = typer.Option(None, "--price-per-hour", help="What a local or ssh instance costs you, USD/h."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs each instance serves from (default: all it has)."),
     as_json: JsonFlag = False,
 ) -> None:
     """Run a file of txt2img requests across instances; results (PNG with infotext + JSON) streamed to -o;
@@ -114,7 +115,7 @@ def batch(
         up = UpOptions(provider=provider, gpu=gpu, region=region, max_price=number(max_price, "--max-price", inputs.max_price),
                        models=tuple(model) if model else None, deadlines=replace(loaded.deadlines, **changes),
                        deadline_changes=changes, price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour),
-                       from_image=from_image, spot=spot)
+                       from_image=from_image, spot=spot, gpus=number(gpus, "--gpus", inputs.gpu_count))
         opts = BatchOptions(prompts, out, instances, up, prefix=name, timeout=duration(timeout, "--timeout") or 600.0)
         return run_batch(loaded, lambda: Orchestrator(loaded, progress=bar.log), opts, bar.log, bar)
 

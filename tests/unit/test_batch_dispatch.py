@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 
-from orchestrator.batch.dispatch import MAX_ATTEMPTS, Dispatcher, Endpoint, gpus_from_health
+from orchestrator.batch.dispatch import IN_FLIGHT_PER_GPU, MAX_ATTEMPTS, Dispatcher, Endpoint, gpus_from_health
 from orchestrator.batch.jobs import Job, request_key
 from orchestrator.batch.results import DirResults
 
@@ -85,17 +85,18 @@ def endpoint(host: str, gpus: int = 1) -> Endpoint:
 
 def test_work_is_pulled_a_fixed_number_in_flight_per_gpu_so_faster_instances_take_more(tmp_path):
     servers = Servers({"slow": serving(0.3), "fast": serving(0.02), "two-gpus": serving(0.3)})
-    jobs = make_jobs(40)
+    jobs = make_jobs(6 * IN_FLIGHT_PER_GPU * 4)
     d = Dispatcher(jobs, DirResults(tmp_path), transport=servers.transport)
     d.expect(3)
     d.add(endpoint("slow"))
     d.add(endpoint("fast"))
     d.add(endpoint("two-gpus", gpus=2))
     run(d)
-    assert d.done == 40 and d.failures == [] and d.error is None
-    assert servers.most["slow"] == 2 and servers.most["fast"] <= 2 and servers.most["two-gpus"] == 4
+    assert d.done == len(jobs) and d.failures == [] and d.error is None
+    n = IN_FLIGHT_PER_GPU
+    assert servers.most["slow"] == n and servers.most["fast"] <= n and servers.most["two-gpus"] == 2 * n
     got = {host: len(prompts) for host, prompts in servers.got.items()}
-    assert sum(got.values()) == 40, "each request sent once"
+    assert sum(got.values()) == len(jobs), "each request sent once"
     assert got["fast"] > got["two-gpus"] >= got["slow"] >= 1, got
     stats = d.stats()
     assert {n: s["requests"] for n, s in stats["instances"].items()} == got
@@ -208,18 +209,19 @@ def test_results_that_cannot_be_written_end_the_job(tmp_path):
 
 def test_close_stops_handing_out_work(tmp_path):
     servers = Servers({"a": serving(0.2)})
-    d = Dispatcher(make_jobs(20), DirResults(tmp_path), transport=servers.transport)
+    total = 10 * IN_FLIGHT_PER_GPU
+    d = Dispatcher(make_jobs(total), DirResults(tmp_path), transport=servers.transport)
     d.expect(1)
     d.add(endpoint("a"))
     time.sleep(0.3)
     d.close()
     time.sleep(0.6)
     sent = len(servers.got["a"])
-    assert 1 <= sent <= 6 and d.done < 20
+    assert 1 <= sent <= 3 * IN_FLIGHT_PER_GPU and d.done < total
 
 
 @pytest.mark.parametrize("health, gpus", [({}, 1), ({"gpus": 4}, 4), ({"replicas": [{}, {}]}, 2),
                                           ({"gpus": True}, 1), ({"gpus": 0, "replicas": []}, 1), ({"gpus": "8"}, 1)])
 def test_gpus_come_from_healthz(health, gpus):
     assert gpus_from_health(health) == gpus
-    assert endpoint("a", gpus_from_health(health)).slots == 2 * gpus
+    assert endpoint("a", gpus_from_health(health)).slots == IN_FLIGHT_PER_GPU * gpus
