@@ -29,6 +29,7 @@ def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) 
     errors: list[str] = []
     served: dict[str, int] = {}
     batch_sizes: list[int] = []
+    idle: list[float] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -40,7 +41,9 @@ def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) 
                 with lock:
                     rep = r.headers.get("x-orch-replica", "-")
                     served[rep] = served.get(rep, 0) + 1
-                    batch_sizes.append(json.loads(r.json()["info"])["orch_batch_images"])
+                    info = json.loads(r.json()["info"])
+                    batch_sizes.append(info["orch_batch_images"])
+                    idle.append(info.get("orch_gpu_idle_before_seconds") or 0.0)
             except Exception as e:  # counted, not hidden
                 errors.append(f"{type(e).__name__}: {e}")
 
@@ -52,7 +55,9 @@ def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) 
         th.join()
     elapsed = time.perf_counter() - t
     return (clients * rounds - len(errors)) / elapsed, {"errors": errors[:3], "error_count": len(errors), "served": served,
-                                                        "batch_sizes": {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))}}
+                                                        "batch_sizes": {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))},
+                                                        # the GPU's wait before each batch: the clients' turnaround
+                                                        "gpu_idle_before_batch_median_s": sorted(idle)[len(idle) // 2] if idle else None}
 
 
 def batch_images_per_s(server: Server, body: dict, n: int, out: Path) -> tuple[float, dict]:

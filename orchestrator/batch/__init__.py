@@ -10,6 +10,16 @@ directory or a bucket, resumable, every instance stopped at the end.
 Laptop dispatch over SSH tunnels on every provider; no Ray cluster across instances (not built).
 """
 
-from .runner import BatchOptions, BatchResult, run
+from typing import Any
 
 __all__ = ["BatchOptions", "BatchResult", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # The runner (and with it the lifecycle, SSH, the providers) only when asked for: the dispatcher
+    # and result store import without them (the multi-GPU bench runs them on a bare GPU host).
+    if name in __all__:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)
