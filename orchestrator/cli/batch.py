@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.markup import escape
 
-from .. import inputs
-from .app import JsonFlag, app, duration, emit, end_progress, err, fail, number, run, settings
+from .app import JsonFlag, app, duration, emit, end_progress, err, fail, run, settings
 
 
 class _Bar:
@@ -92,7 +90,8 @@ def batch(
     a re-run skips what is done; every instance is stopped at the end, on failure and on Ctrl-C."""
     from ..batch import BatchOptions
     from ..batch import run as run_batch
-    from ..lifecycle import Orchestrator, UpOptions
+    from ..lifecycle import Orchestrator
+    from .instances import up_options
 
     bar = _Bar()
     # An instance that stops answering is reported by the job itself (and its requests sent elsewhere):
@@ -101,21 +100,9 @@ def batch(
 
     def go():
         loaded = settings()
-        if provider is not None:
-            from ..config import check_provider
-
-            check_provider(provider)
-        changes = {key: value for key, value in (
-            ("idle", duration(idle, "--idle")),
-            ("boot_timeout", duration(boot_timeout, "--boot-timeout")),
-            ("max_lifetime", duration(max_lifetime, "--max-lifetime")),
-            ("heartbeat_timeout", duration(heartbeat_timeout, "--heartbeat-timeout")),
-            ("budget", number(budget, "--budget", inputs.budget)),
-        ) if value is not None}
-        up = UpOptions(provider=provider, gpu=gpu, region=region, max_price=number(max_price, "--max-price", inputs.max_price),
-                       models=tuple(model) if model else None, deadlines=replace(loaded.deadlines, **changes),
-                       deadline_changes=changes, price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour),
-                       from_image=from_image, spot=spot, gpus=number(gpus, "--gpus", inputs.gpu_count))
+        up = up_options(loaded, provider=provider, gpu=gpu, region=region, max_price=max_price, spot=spot, model=model,
+                        from_image=from_image, idle=idle, boot_timeout=boot_timeout, max_lifetime=max_lifetime, budget=budget,
+                        heartbeat_timeout=heartbeat_timeout, price_per_hour=price_per_hour, gpus=gpus)
         opts = BatchOptions(prompts, out, instances, up, prefix=name, timeout=duration(timeout, "--timeout") or 600.0)
         return run_batch(loaded, lambda: Orchestrator(loaded, progress=bar.log), opts, bar.log, bar)
 

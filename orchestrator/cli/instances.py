@@ -44,28 +44,12 @@ def up(
     """Provision (or attach to) an instance, start the image server, open the tunnel, print the URL."""
     from dataclasses import replace
 
-    from ..lifecycle import UpOptions
-
     def go():
         loaded = settings()
-        if provider is not None:
-            from ..config import check_provider
-
-            check_provider(provider)
-        changes = {key: value for key, value in (
-            ("idle", duration(idle, "--idle")),
-            ("boot_timeout", duration(boot_timeout, "--boot-timeout")),
-            ("max_lifetime", duration(max_lifetime, "--max-lifetime")),
-            ("heartbeat_timeout", duration(heartbeat_timeout, "--heartbeat-timeout")),
-            ("budget", number(budget, "--budget", inputs.budget)),
-        ) if value is not None}
-        opts = UpOptions(
-            name=inputs.instance_name(name), provider=provider, gpu=gpu, region=region,
-            max_price=number(max_price, "--max-price", inputs.max_price), models=tuple(model) if model else None,
-            deadlines=replace(loaded.deadlines, **changes), deadline_changes=changes,
-            price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour),
-            detach=detach, tunnel_port=number(port, "--port", inputs.port), from_image=from_image, spot=spot,
-            gpus=number(gpus, "--gpus", inputs.gpu_count))
+        opts = up_options(loaded, provider=provider, gpu=gpu, region=region, max_price=max_price, spot=spot, model=model,
+                          from_image=from_image, idle=idle, boot_timeout=boot_timeout, max_lifetime=max_lifetime,
+                          budget=budget, heartbeat_timeout=heartbeat_timeout, price_per_hour=price_per_hour, gpus=gpus)
+        opts = replace(opts, name=inputs.instance_name(name), detach=detach, tunnel_port=number(port, "--port", inputs.port))
         orch = orchestrator(loaded)
         return orch, orch.up(opts)
 
@@ -304,3 +288,30 @@ def tunnel_daemon(name: str = typer.Argument(...), port: Optional[int] = typer.O
     from ..lifecycle import run_tunnel_daemon
 
     run(False, lambda: run_tunnel_daemon(orchestrator(), name, port))
+
+
+def up_options(loaded, *, provider: str | None, gpu: str | None, region: str | None, max_price: str | None, spot: bool,
+               model: list[str], from_image: str | None, idle: str | None, boot_timeout: str | None,
+               max_lifetime: str | None, budget: str | None, heartbeat_timeout: str | None, price_per_hour: str | None,
+               gpus: str | None):
+    """The create flags `orch up` and `orch batch` share, read and checked (each error names its flag)."""
+    from dataclasses import replace
+
+    from ..lifecycle import UpOptions
+
+    if provider is not None:
+        from ..config import check_provider
+
+        check_provider(provider)
+    changes = {key: value for key, value in (
+        ("idle", duration(idle, "--idle")),
+        ("boot_timeout", duration(boot_timeout, "--boot-timeout")),
+        ("max_lifetime", duration(max_lifetime, "--max-lifetime")),
+        ("heartbeat_timeout", duration(heartbeat_timeout, "--heartbeat-timeout")),
+        ("budget", number(budget, "--budget", inputs.budget)),
+    ) if value is not None}
+    return UpOptions(
+        provider=provider, gpu=gpu, region=region, max_price=number(max_price, "--max-price", inputs.max_price),
+        models=tuple(model) if model else None, deadlines=replace(loaded.deadlines, **changes), deadline_changes=changes,
+        price_per_hour=number(price_per_hour, "--price-per-hour", inputs.price_per_hour), from_image=from_image, spot=spot,
+        gpus=number(gpus, "--gpus", inputs.gpu_count))
