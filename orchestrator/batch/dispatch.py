@@ -98,6 +98,7 @@ class _Live:
     strikes: int = 0
     requests: int = 0
     images: int = 0
+    in_flight: int = 0
 
 
 class Dispatcher:
@@ -213,16 +214,33 @@ class Dispatcher:
                 if self._closed or self._fatal or live.dead or not self._pending:
                     return None
                 others = sum(1 for lv in self._live.values() if not lv.dead and lv is not live) + max(self._expected, 0)
-                for i, job in enumerate(self._queue):
-                    if not others or name not in self._avoid.get(job.key, ()):
-                        del self._queue[i]
-                        return job
+                if live.in_flight < self._share_while_starting(live):
+                    for i, job in enumerate(self._queue):
+                        if not others or name not in self._avoid.get(job.key, ()):
+                            del self._queue[i]
+                            live.in_flight += 1
+                            return job
                 self._cond.wait(1.0)
+
+    def _share_while_starting(self, live: _Live) -> float:
+        """While instances of the job are still starting, an instance takes at most its share of
+        what is left: a short job is spread over the instances started (and billed) for it,
+        not all taken by the first one up. Once every instance is up: no limit."""
+        if self._expected <= 0:
+            return float("inf")
+        alive = [lv for lv in self._live.values() if not lv.dead]
+        left = len(self._queue) + sum(lv.in_flight for lv in alive)
+        return -(-left // (len(alive) + self._expected))  # ceil
 
     def _slot(self, live: _Live) -> None:
         try:
             while (job := self._take(live)) is not None:
-                self._run(live, job)
+                try:
+                    self._run(live, job)
+                finally:
+                    with self._cond:
+                        live.in_flight -= 1
+                        self._cond.notify_all()
         except BaseException as e:  # a bug here must not leave the job waiting forever
             with self._cond:
                 self._fatal = self._fatal or f"internal error in the dispatcher ({_why(e)})"

@@ -207,6 +207,29 @@ def test_results_that_cannot_be_written_end_the_job(tmp_path):
     assert d.error.startswith("cannot write the results: cannot write ") and d.done == 0
 
 
+def test_a_short_job_is_shared_with_an_instance_still_starting(tmp_path):
+    """The first instance up takes at most its share while the other starts: a short job is not
+    all taken by one instance while the other is billed for nothing."""
+    servers = Servers({"first": serving(0.3), "second": serving(0.3)})
+    d = Dispatcher(make_jobs(9), DirResults(tmp_path), transport=servers.transport)
+    d.expect(2)
+    d.add(endpoint("first"))
+    time.sleep(0.5)
+    assert servers.most["first"] <= 5, "its share of 9 requests over 2 instances"
+    d.add(endpoint("second"))
+    run(d)
+    assert d.done == 9 and len(servers.got["second"]) >= 1, dict(servers.got)
+
+
+def test_once_every_instance_is_up_an_instance_takes_all_its_slots(tmp_path):
+    servers = Servers({"only": serving(0.3)})
+    d = Dispatcher(make_jobs(2 * IN_FLIGHT_PER_GPU), DirResults(tmp_path), transport=servers.transport)
+    d.expect(1)
+    d.add(endpoint("only"))
+    run(d)
+    assert servers.most["only"] == IN_FLIGHT_PER_GPU
+
+
 def test_close_stops_handing_out_work(tmp_path):
     servers = Servers({"a": serving(0.2)})
     total = 10 * IN_FLIGHT_PER_GPU
