@@ -214,7 +214,7 @@ class Dispatcher:
                 if self._closed or self._fatal or live.dead or not self._pending:
                     return None
                 others = sum(1 for lv in self._live.values() if not lv.dead and lv is not live) + max(self._expected, 0)
-                if live.in_flight < self._share_while_starting(live):
+                if live.in_flight < self._share():
                     for i, job in enumerate(self._queue):
                         if not others or name not in self._avoid.get(job.key, ()):
                             del self._queue[i]
@@ -222,15 +222,14 @@ class Dispatcher:
                             return job
                 self._cond.wait(1.0)
 
-    def _share_while_starting(self, live: _Live) -> float:
-        """While instances of the job are still starting, an instance takes at most its share of
-        what is left: a short job is spread over the instances started (and billed) for it,
-        not all taken by the first one up. Once every instance is up: no limit."""
-        if self._expected <= 0:
-            return float("inf")
+    def _share(self) -> int:
+        """An instance holds at most its share of what is left (queued and in flight), counting the
+        instances still starting: a short job, or the end of a long one, is spread over the instances
+        started (and billed) for it, not all taken by the first one up. With plenty of work the share
+        is above every instance's slots, and it does not limit anything."""
         alive = [lv for lv in self._live.values() if not lv.dead]
         left = len(self._queue) + sum(lv.in_flight for lv in alive)
-        return -(-left // (len(alive) + self._expected))  # ceil
+        return -(-left // max(1, len(alive) + max(self._expected, 0)))  # ceil
 
     def _slot(self, live: _Live) -> None:
         try:

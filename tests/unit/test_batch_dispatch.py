@@ -210,7 +210,9 @@ def test_results_that_cannot_be_written_end_the_job(tmp_path):
 def test_a_short_job_is_shared_with_an_instance_still_starting(tmp_path):
     """The first instance up takes at most its share while the other starts: a short job is not
     all taken by one instance while the other is billed for nothing."""
-    servers = Servers({"first": serving(0.3), "second": serving(0.3)})
+    # 2 s a request: the first instance is still on its first share when the second joins, however
+    # loaded the machine running this is.
+    servers = Servers({"first": serving(2.0), "second": serving(2.0)})
     d = Dispatcher(make_jobs(9), DirResults(tmp_path), transport=servers.transport)
     d.expect(2)
     d.add(endpoint("first"))
