@@ -30,6 +30,10 @@ from pathlib import Path
 
 import httpx
 
+# Before diffusers (the plain-diffusers peer imports it first): lets PyPI's CUDA-built torchvision, where it sits
+# beside a CPU-only torch, import without its C ops (remote/server/torchvision_compat.py); nothing elsewhere.
+import remote.server  # noqa: F401,E402
+
 TOKEN = "bench-token-0123456789"
 
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Before any test imports diffusers, transformers or timm: where PyPI's (CUDA-built) torchvision sits
+# beside a CPU-only torch (the `annotators` extra in CI), this lets torchvision import without its C ops.
+import remote.server  # noqa: F401,E402  (see remote/server/torchvision_compat.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,8 +3,10 @@
 The weights are files the user syncs under models/Annotators (the names lllyasviel/Annotators
 gives them, which controlnet_aux reads from a local folder: nothing is fetched). controlnet_aux
 is the optional extra `orch[annotators]`, apart from `server` because it needs torchvision
-(and timm), which GPU images ship but which, beside a CPU-only torch, pulls another torch.
-A missing file or library is a 422 that names it. Segmentation (seg_ofade20k, seg_ufade20k)
+(and timm), which GPU images ship but which, beside a CPU-only torch, pulls another torch unless
+pinned to that torch's own (torch 2.13: torchvision==0.28.0); PyPI's torchvision then imports
+without its C ops, which no annotator uses (../torchvision_compat.py).
+A missing file or library, or a file that is not the detector's, is a 422 that names it. Segmentation (seg_ofade20k, seg_ufade20k)
 has no implementation in controlnet_aux: a 422 says so.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.types import RequestError
-from .preprocessors import Module
+from .preprocessors import Module, hwc3, resize_with_pad
 
 OPENPOSE = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
 LINEART = ("sk_model.pth", "sk_model2.pth")
@@ -62,8 +64,36 @@ def check(module: Module, annotators_dir: Path) -> None:
                            "a ready map with module 'none'")
 
 
+def _load(module: Module, annotators_dir: Path):
+    """controlnet_aux's detector for this module, its weights read from annotators_dir (a local folder:
+    nothing is fetched). A library that does not import, or files that are not the detector's, are a 422."""
+    name = module.extra["detector"]
+    try:
+        import controlnet_aux
+    except Exception as e:  # installed (check() saw it) but broken: say why rather than a 500
+        raise RequestError(f"module: {module.label} needs controlnet_aux, which is installed but does not import "
+                           f"({type(e).__name__}: {e}); send a ready map with module 'none'") from e
+    cls = getattr(controlnet_aux, name)
+    files = module.annotator_files
+    kwargs: dict[str, Any] = {"filename": files[0]}
+    if name == "OpenposeDetector":
+        kwargs.update(hand_filename=files[1], face_filename=files[2])
+    elif name == "LineartDetector":
+        kwargs.update(coarse_filename=files[1])
+    try:
+        return cls.from_pretrained(str(annotators_dir), **kwargs)
+    except Exception as e:  # not a checkpoint, or another network's: the user's file, not the server
+        raise RequestError(f"module: {module.label}: the annotator file(s) {', '.join(files)} under {annotators_dir} "
+                           f"did not load into controlnet_aux's {name} ({type(e).__name__}: {str(e)[:300]}); they must "
+                           "be lllyasviel/Annotators' files of those names") from e
+
+
 def run(module: Module, image, resolution: int, annotators_dir: Path):
-    """The module's map (H x W x 3 uint8) from controlnet_aux's detector, its weights read from annotators_dir."""
+    """The module's map (H x W x 3 uint8) from controlnet_aux's detector, its weights read from annotators_dir.
+
+    The image goes in as the extension's processors give it to their models: its short side at
+    `resolution`, padded (edge) to multiples of 64, the padding cut off the map. controlnet_aux
+    would instead round each side to a multiple of 64 (an 80x48 image at 64: a 128x64 map)."""
     import numpy as np
 
     check(module, annotators_dir)
@@ -71,17 +101,9 @@ def run(module: Module, image, resolution: int, annotators_dir: Path):
     with _lock:
         key = (name, str(annotators_dir))
         if key not in _loaded:
-            import controlnet_aux
-
-            cls = getattr(controlnet_aux, name)
-            files = module.annotator_files
-            kwargs: dict[str, Any] = {"filename": files[0]}
-            if name == "OpenposeDetector":
-                kwargs.update(hand_filename=files[1], face_filename=files[2])
-            elif name == "LineartDetector":
-                kwargs.update(coarse_filename=files[1])
-            _loaded[key] = cls.from_pretrained(str(annotators_dir), **kwargs)  # a local folder: no download
+            _loaded[key] = _load(module, annotators_dir)
         detector = _loaded[key]
-    out = detector(image, detect_resolution=int(resolution), image_resolution=int(resolution), output_type="np",
-                   **module.extra.get("call", {}))
-    return np.asarray(out, dtype=np.uint8)
+    padded, unpad = resize_with_pad(image, resolution)
+    side = min(padded.shape[:2])  # multiples of 64 at this side: controlnet_aux's resize_image leaves them as they are
+    out = detector(padded, detect_resolution=side, image_resolution=side, output_type="np", **module.extra.get("call", {}))
+    return unpad(hwc3(np.asarray(out, dtype=np.uint8)))
