@@ -47,7 +47,8 @@ class Ingress:
         self.started_at = started_at or time.time()
         self.served = Counter()  # replica id -> requests it answered through the handle
         self.replica_errors = 0
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=64))
+        # Long reads: a checkpoint (re)load sent to every replica can take minutes on a cold disk.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0), limits=httpx.Limits(max_connections=64))
 
     # -- the doors ------------------------------------------------------------------------------
 
