@@ -197,7 +197,10 @@ def test_an_exited_pod_reporting_stale_ports_is_stopped_without_ssh(sim):
 # -- create, get, list, stop, start, terminate ---------------------------------------------
 
 
-def test_create_sends_a_pod_orch_can_reach_and_find_again(sim):
+def test_create_sends_a_pod_orch_can_reach_and_find_again():
+    # Its own simulator, whose pods take a second to place: with no delay the pod could be RUNNING
+    # before create's answer was written, and this test checks that a fresh pod reads PENDING.
+    sim = RunPodSimulator(hosts=False, provision_delay=1.0, pull_delay=0.0, restart_pull_delay=0.0)
     provider = make(sim)
     created = provider.create(spec(provider))
     assert created.status == InstanceStatus.PENDING and created.run_id == "run1" and created.price_per_hour == 0.69
@@ -216,6 +219,7 @@ def test_create_sends_a_pod_orch_can_reach_and_find_again(sim):
     assert got.gpu == "RTX 4090" and got.region == pod.dc and got.price_per_hour == 0.69 and got.tags == created.tags
     assert [i.instance_id for i in provider.list()] == [created.instance_id]
     provider.terminate(created.instance_id)
+    sim.assert_clean()
 
 
 def test_stop_start_terminate_and_repeats_are_harmless(sim):
