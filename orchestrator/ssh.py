@@ -45,6 +45,7 @@ def sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
+
 def fingerprint(host_key: str) -> str:
     """OpenSSH-style SHA256 fingerprint of 'type base64'."""
     blob = base64.b64decode(host_key.split()[1])
@@ -52,21 +53,32 @@ def fingerprint(host_key: str) -> str:
 
 
 def ensure_user_key(home: Path) -> Path:
-    """The user's orch key (ed25519), made on first use; returns the private key's path."""
+    """The user's orch key (ed25519), made on first use; returns the private key's path.
+
+    Made under a lock, the public half in place before the private one: `orch batch -k 2` on a
+    fresh home asks from two threads at once, and two keys made side by side had left a public
+    half that was not the private half's (an instance given it refused orch's key)."""
     key_dir = home / "keys"
     path = key_dir / "id_ed25519"
     if path.exists():
         return path
+    import fcntl
+
     import asyncssh
 
     key_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(key_dir, 0o700)
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="orch")
-    tmp = key_dir / ".id_ed25519.tmp"
-    key.write_private_key(str(tmp))
-    os.chmod(tmp, 0o600)
-    key.write_public_key(str(key_dir / "id_ed25519.pub"))
-    os.replace(tmp, path)
+    with open(key_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # each open() its own lock: threads wait on it too
+        if path.exists():  # made while this one waited
+            return path
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="orch")
+        tmp_pub, tmp = key_dir / ".id_ed25519.pub.tmp", key_dir / ".id_ed25519.tmp"
+        key.write_public_key(str(tmp_pub))
+        key.write_private_key(str(tmp))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp_pub, key_dir / "id_ed25519.pub")
+        os.replace(tmp, path)  # last: the private key there means the pair is whole
     return path
 
 
