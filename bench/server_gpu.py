@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -102,6 +103,58 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+@dataclass
+class ClientsRun:
+    """Concurrent clients, each sending its requests one after another, and what the answers said."""
+
+    images_per_s: float
+    errors: list[str]
+    served: dict[str, int]  # the replica that answered (x-orch-replica) -> requests; "-" without replicas
+    batch_sizes: dict[int, int]  # images in the batch a request ran in -> requests
+    gpu_idle_median_s: float | None  # the GPU's wait before each batch: the clients' turnaround and the gather
+    phases_median: dict[str, float]
+
+
+def run_clients(server: "Server", body: dict, clients: int, rounds: int) -> ClientsRun:
+    errors: list[str] = []
+    served: dict[str, int] = {}
+    batch_sizes: list[int] = []
+    idle: list[float] = []
+    phases: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for k in range(rounds):
+            try:
+                r = server.client.post(f"{server.base}/sdapi/v1/txt2img", headers={"Authorization": f"Bearer {TOKEN}"},
+                                       json={**body, "prompt": f"{body['prompt']}, client {c} take {k}",
+                                             "seed": 1000 + 100 * c + k})
+                r.raise_for_status()
+                info = json.loads(r.json()["info"])
+                with lock:
+                    replica = r.headers.get("x-orch-replica", "-")
+                    served[replica] = served.get(replica, 0) + 1
+                    batch_sizes.append(info["orch_batch_images"])
+                    idle.append(info.get("orch_gpu_idle_before_seconds") or 0.0)
+                    phases.append(info.get("orch_phase_seconds") or {})
+            except Exception as e:  # counted, not hidden
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - t
+    timed = [p for p in phases if p]
+    return ClientsRun(images_per_s=(clients * rounds - len(errors)) / elapsed, errors=errors, served=served,
+                      batch_sizes={b: batch_sizes.count(b) for b in sorted(set(batch_sizes))},
+                      gpu_idle_median_s=statistics.median(idle) if idle else None,
+                      phases_median={k: statistics.median(p[k] for p in timed) for k in timed[0]} if timed else {})
 
 
 def start(server: Server, label: str, body: dict, results: dict) -> None:
@@ -243,36 +296,13 @@ def main() -> None:
         log(f"one request of batch 8: {results['server_batch8_s']:.3f}s ({results['server_batch8_pipeline_s']:.3f}s in the pipeline)")
 
         clients, per_client = args.clients, (2 if smoke else args.rounds)
-        errors: list[Exception] = []
-        batch_sizes: list[int] = []
-        idle_before: list[float] = []
-        phases: list[dict] = []
-
-        def client(c: int) -> None:
-            for k in range(per_client):
-                try:
-                    info = json.loads(server.txt2img({**body, "prompt": f"{body['prompt']}, client {c} take {k}",
-                                                      "seed": 1000 + c * 100 + k})["info"])
-                    batch_sizes.append(info["orch_batch_images"])
-                    idle_before.append(info["orch_gpu_idle_before_seconds"])
-                    phases.append(info["orch_phase_seconds"])
-                except Exception as e:  # counted, not hidden
-                    errors.append(e)
-
-        t = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - t
-        results["images_per_s_8_clients"] = (clients * per_client - len(errors)) / elapsed
-        results["errors"] = len(errors)
-        results["batch_size_seen_by_requests"] = {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))}
-        # The GPU's idle time before each batch: the clients' turnaround (PNG, transfer, next request) and the gather.
-        results["gpu_idle_before_batch_s"] = statistics.median(idle_before) if idle_before else None
-        results["phases_batch8_median"] = {k: statistics.median(p[k] for p in phases if p) for k in (phases[0] or {})} if phases else {}
-        log(f"{clients} clients: {results['images_per_s_8_clients']:.2f} images/s ({len(errors)} errors); "
+        run = run_clients(server, body, clients, per_client)
+        results["images_per_s_8_clients"] = run.images_per_s
+        results["errors"] = len(run.errors)
+        results["batch_size_seen_by_requests"] = run.batch_sizes
+        results["gpu_idle_before_batch_s"] = run.gpu_idle_median_s
+        results["phases_batch8_median"] = run.phases_median
+        log(f"{clients} clients: {results['images_per_s_8_clients']:.2f} images/s ({len(run.errors)} errors); "
             f"batch sizes requests ran in: {results['batch_size_seen_by_requests']}; GPU idle before a batch "
             f"(median) {results['gpu_idle_before_batch_s']}s; pipeline phases (median) {results['phases_batch8_median']}")
     server.stop()

@@ -18,46 +18,10 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from server_gpu import TOKEN, Server, log
-
-
-def clients_images_per_s(server: Server, body: dict, clients: int, rounds: int) -> tuple[float, dict]:
-    errors: list[str] = []
-    served: dict[str, int] = {}
-    batch_sizes: list[int] = []
-    idle: list[float] = []
-    lock = threading.Lock()
-
-    def client(c: int) -> None:
-        for k in range(rounds):
-            try:
-                r = server.client.post(f"{server.base}/sdapi/v1/txt2img", headers={"Authorization": f"Bearer {TOKEN}"},
-                                       json={**body, "prompt": f"{body['prompt']}, client {c} take {k}", "seed": 1000 + 100 * c + k})
-                r.raise_for_status()
-                with lock:
-                    rep = r.headers.get("x-orch-replica", "-")
-                    served[rep] = served.get(rep, 0) + 1
-                    info = json.loads(r.json()["info"])
-                    batch_sizes.append(info["orch_batch_images"])
-                    idle.append(info.get("orch_gpu_idle_before_seconds") or 0.0)
-            except Exception as e:  # counted, not hidden
-                errors.append(f"{type(e).__name__}: {e}")
-
-    t = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t
-    return (clients * rounds - len(errors)) / elapsed, {"errors": errors[:3], "error_count": len(errors), "served": served,
-                                                        "batch_sizes": {b: batch_sizes.count(b) for b in sorted(set(batch_sizes))},
-                                                        # the GPU's wait before each batch: the clients' turnaround
-                                                        "gpu_idle_before_batch_median_s": sorted(idle)[len(idle) // 2] if idle else None}
+from server_gpu import TOKEN, Server, log, run_clients
 
 
 def batch_images_per_s(server: Server, body: dict, n: int, out: Path) -> tuple[float, dict]:
@@ -148,7 +112,10 @@ def main() -> None:
             results[f"{label}_start_to_ready_s"] = round(time.perf_counter() - t, 1)
             for i in range(2):  # warm: every replica has seen a request
                 server.txt2img({**body, "seed": i})
-            ips, extra = clients_images_per_s(server, body, clients, rounds)
+            run = run_clients(server, body, clients, rounds)
+            ips = run.images_per_s
+            extra = {"errors": run.errors[:3], "error_count": len(run.errors), "served": run.served,
+                     "batch_sizes": run.batch_sizes, "gpu_idle_before_batch_median_s": run.gpu_idle_median_s}
             results[f"{label}_images_per_s"] = ips
             results[f"{label}_clients"] = extra
             log(f"{label} ({gpus} GPU, {len(health.get('replicas', [])) or 1} replica(s)): {ips:.2f} images/s, {extra}")
