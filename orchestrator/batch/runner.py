@@ -1,7 +1,8 @@
 """`orch batch`, start to end: check everything, skip what is done, start the instances, hand out
 the work, stop every instance (whatever happened), report.
 
-Nothing is created before the jobs file and the output are checked. The instances are named from
+Nothing is created before the jobs file and the output are checked, nor while another run holds
+the job's lock. The instances are named from
 the job (the file's bytes and the output), so a re-run finds the same ones and starts them again.
 Ctrl-C and SIGTERM end the job the same way: work stops being handed out, and every instance is
 stopped before the command returns; while that runs, further signals are noted and ignored.
@@ -9,7 +10,10 @@ stopped before the command returns; while that runs, further signals are noted a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
 import signal
 import threading
 import time
@@ -20,7 +24,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from .. import inputs
 from ..config import Settings
-from ..errors import ConfigError
+from ..errors import ConfigError, LifecycleError
 from ..lifecycle import Orchestrator, UpOptions
 from ..lifecycle.context import Progress
 from . import jobs as jobs_file
@@ -134,6 +138,33 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+@contextmanager
+def job_lock(home: Path, prefix: str, count: int) -> Iterator[None]:
+    """One run at a time of the job whose instances are PREFIX-1..K: two would start and stop the
+    same instances and write the same results. Held by the kernel for the run (a killed run holds
+    nothing); the file says who holds it."""
+    folder = home / "batch"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prefix}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(path.read_text())
+                who = f"pid {int(holder['pid'])}, since {time.strftime('%H:%M:%S', time.localtime(float(holder['since'])))}"
+            except (OSError, ValueError, KeyError, TypeError):
+                who = "its holder is not known"
+            raise LifecycleError(f"another `orch batch` is running this job's instances {prefix}-1..{count} ({who}): wait "
+                                 f"for it to end, or give this run its own --name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOptions, progress: Progress,
         view: View | None = None) -> BatchResult:
     view = view or NoView()
@@ -161,55 +192,56 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
     prefix = opts.prefix or job_prefix(loaded.digest, results.url)
     instance_names(prefix, opts.instances)
     main = make_orch()
-    names, others = plan(main, prefix, opts.instances, min(opts.instances, len(todo)))
-    fleet = Fleet(make_orch, names, opts.up, progress, others=others, main=main)
-    if not todo:
-        progress(f"all {len(loaded.jobs)} request(s) are already in {results.url}: nothing to do")
-        if others:
-            fleet.start(lambda endpoint: None, lambda name, why: None)
-            _finish(result, fleet, None, fleet.stop_all(), progress)
+    with job_lock(main.home, prefix, opts.instances):
+        names, others = plan(main, prefix, opts.instances, min(opts.instances, len(todo)))
+        fleet = Fleet(make_orch, names, opts.up, progress, others=others, main=main)
+        if not todo:
+            progress(f"all {len(loaded.jobs)} request(s) are already in {results.url}: nothing to do")
+            if others:
+                fleet.start(lambda endpoint: None, lambda name, why: None)
+                _finish(result, fleet, None, fleet.stop_all(), progress)
+            result.seconds = time.monotonic() - started
+            return result
+
+        def dead(name: str, why: str) -> None:
+            progress(f"{name}: given up ({why}); its requests go to the other instances; stopping it")
+            fleet.stop(name, why)
+
+        dispatcher = Dispatcher(todo, results, timeout=opts.timeout, on_dead=dead,
+                                on_outcome=lambda o: view.outcome(o, dispatcher.stats()),
+                                on_retry=lambda job, why: progress(f"line {job.line}: {why}; back in the queue"))
+        dispatcher.expect(len(names))
+        progress(f"{len(todo)} request(s) to run ({result.skipped} already done) on {len(names)} instance(s): {', '.join(names)}")
+        view.begin(len(todo), result.skipped, len(names))
+        try:
+            with _signals(_interrupt):
+                fleet.start(dispatcher.add, dispatcher.gone)
+                last_cost = 0.0
+                while not dispatcher.wait(0.5):
+                    if time.monotonic() - last_cost >= COST_EVERY_S:
+                        result.cost_usd, last_cost = fleet.cost(), time.monotonic()
+                    view.tick(dispatcher.stats(), result.cost_usd)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            progress("interrupted: stopping the job's instances")
+        finally:
+            # 4. every instance stopped, whatever happened above
+            dispatcher.close()
+
+            def shielded(signum: int, frame: Any) -> None:
+                progress("still stopping the job's instances (so nothing bills); one moment")
+
+            with _signals(shielded):
+                view.end()
+                failed_stops = fleet.stop_all()
+        _finish(result, fleet, dispatcher, failed_stops, progress)
         result.seconds = time.monotonic() - started
+        if not result.interrupted:
+            result.error = dispatcher.error
+        starts = [m.start_exception for m in fleet.members]
+        if all(isinstance(e, ConfigError) for e in starts) and not result.stop_failures:
+            raise starts[0]  # type: ignore[misc]  # the same input error on every instance: nothing ran
         return result
-
-    def dead(name: str, why: str) -> None:
-        progress(f"{name}: given up ({why}); its requests go to the other instances; stopping it")
-        fleet.stop(name, why)
-
-    dispatcher = Dispatcher(todo, results, timeout=opts.timeout, on_dead=dead,
-                            on_outcome=lambda o: view.outcome(o, dispatcher.stats()),
-                            on_retry=lambda job, why: progress(f"line {job.line}: {why}; back in the queue"))
-    dispatcher.expect(len(names))
-    progress(f"{len(todo)} request(s) to run ({result.skipped} already done) on {len(names)} instance(s): {', '.join(names)}")
-    view.begin(len(todo), result.skipped, len(names))
-    try:
-        with _signals(_interrupt):
-            fleet.start(dispatcher.add, dispatcher.gone)
-            last_cost = 0.0
-            while not dispatcher.wait(0.5):
-                if time.monotonic() - last_cost >= COST_EVERY_S:
-                    result.cost_usd, last_cost = fleet.cost(), time.monotonic()
-                view.tick(dispatcher.stats(), result.cost_usd)
-    except KeyboardInterrupt:
-        result.interrupted = True
-        progress("interrupted: stopping the job's instances")
-    finally:
-        # 4. every instance stopped, whatever happened above
-        dispatcher.close()
-
-        def shielded(signum: int, frame: Any) -> None:
-            progress("still stopping the job's instances (so nothing bills); one moment")
-
-        with _signals(shielded):
-            view.end()
-            failed_stops = fleet.stop_all()
-    _finish(result, fleet, dispatcher, failed_stops, progress)
-    result.seconds = time.monotonic() - started
-    if not result.interrupted:
-        result.error = dispatcher.error
-    starts = [m.start_exception for m in fleet.members]
-    if all(isinstance(e, ConfigError) for e in starts) and not result.stop_failures:
-        raise starts[0]  # type: ignore[misc]  # the same input error on every instance: nothing ran
-    return result
 
 
 def _finish(result: BatchResult, fleet: Fleet, dispatcher: Dispatcher | None, failed_stops: list, progress: Progress) -> None:

@@ -327,3 +327,22 @@ def test_a_full_disk_fails_the_write_and_leaves_no_file_under_a_real_name(tmp_pa
         assert os.listdir(disk / "out") == [] and store.done_keys() == set()
     finally:
         unmount(disk)
+
+
+def test_a_second_run_of_a_job_that_is_running_is_refused_and_touches_nothing(box):
+    jobs = write_jobs(box.root / "twice.jsonl", [request("twice", i) for i in range(4)])
+    out = box.root / "out-twice"
+    args = ("batch", str(jobs), "-k", "1", "--name", "bt", "-o", str(out), "--json")
+    first = box.popen(*args)
+    wait_for(lambda: statuses(box).get("bt-1", {}).get("status") not in (None, "STOPPED"), 120, "bt-1 starting", first)
+    second = box.orch(*args)
+    assert second.returncode == 1 and "another `orch batch` is running this job's instances bt-1..1" in second.stderr
+    assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert second.json["error"].startswith("another `orch batch`")
+    stdout, stderr = first.communicate(timeout=400)
+    assert first.returncode == 0, stderr
+    assert json.loads(stdout)["done"] == 4, "the first run went on undisturbed"
+    assert_all_stopped(box, names=("bt-1",))
+    # The lock went with the run: the job can run again (everything is done: nothing starts).
+    again = box.orch(*args)
+    assert again.returncode == 0 and (again.json["done"], again.json["skipped"]) == (0, 4)
