@@ -31,14 +31,3 @@ def test_controlnet_benchmark_smoke(tmp_path):
     results = json.loads((tmp_path / "server_gpu_controlnet_demo.json").read_text())
     assert results["server_s_per_image"] > 0 and results["plain_s_per_image"] > 0
 
-
-def test_multi_gpu_benchmark_smoke(tmp_path):
-    """The one-GPU server and two CPU replicas behind one URL, the same clients and a small batch job on each."""
-    out = subprocess.run([sys.executable, "bench/server_gpu_multi.py", "--smoke", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "through one URL (Ray Serve)" in out.stdout
-    (path,) = tmp_path.glob("*.json")
-    results = json.loads(path.read_text())
-    assert results["one_gpu_clients"]["error_count"] == 0 and results["all_gpus_clients"]["error_count"] == 0
-    assert results["ratio_clients"] > 0 and results["one_gpu_batch"] and results["all_gpus_batch"]
