@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,35 @@ def test_progress_and_interrupt_reach_the_replica_that_holds_the_job(server):
     assert answer.status_code == 200 and time.monotonic() - started < 60
     assert len(answer.json()["images"]) == 1  # A1111's interrupt: what is done so far comes back
 
+
+def test_a_request_whose_client_went_away_stops_on_its_replica(server):
+    """As on one GPU: a client that gives up does not leave its replica's GPU running the job to its end."""
+    body = json.dumps({"prompt": "long", "steps": 1000, "width": 128, "height": 128, "seed": 7}).encode()
+    host, port = server.base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def state() -> dict:
+        return httpx.get(f"{server.base}/sdapi/v1/progress", headers=AUTH, params={"skip_current_image": True}).json()["state"]
+
+    deadline = time.monotonic() + 120
+    t0 = first = None
+    while time.monotonic() < deadline:
+        step = state().get("sampling_step") or 0
+        if step >= 2 and t0 is None:
+            t0, first = time.monotonic(), step
+        if t0 is not None and step >= first + 3:
+            break
+        time.sleep(0.05)
+    assert t0 is not None, "the long job did not start"
+    per_step = (time.monotonic() - t0) / max(step - first, 1)
+    sock.close()  # the client goes away
+    gone = time.monotonic()
+    while state()["job_count"] > 0:
+        assert time.monotonic() - gone < per_step * (1000 - step) / 4, "the abandoned job ran on"
+        time.sleep(0.1)
+    assert server.txt2img().status_code == 200
 
 def test_the_page_signs_in_whichever_replica_answers(server):
     """A sign-in code lives in the replica that issued it: the ingress sends codes and the page's

@@ -58,8 +58,21 @@ class Ingress:
         body = await request.body()
         msg = {"method": request.method, "path": request.url.path, "query": list(request.query_params.multi_items()),
                "headers": forwarded_headers(request), "body": body}
+        response = self.handle.http.remote(msg)
+        answering = asyncio.ensure_future(_awaited(response))
+        leaving = asyncio.ensure_future(client_gone(request))
         try:
-            answer = await self.handle.http.remote(msg)
+            await asyncio.wait({answering, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+        if not answering.done():
+            # The client went away: Ray Serve cancels the call, and the replica's app sees its client
+            # go away (its job is dropped, or stopped at the next step), as on one GPU.
+            response.cancel()
+            answering.cancel()
+            return Response(status_code=499)  # nobody reads it
+        try:
+            answer = answering.result()
         except RayError as e:
             self.replica_errors += 1
             log.warning("a replica failed during %s %s: %s", request.method, request.url.path, str(e).splitlines()[0])
@@ -168,6 +181,16 @@ class Ingress:
         chosen = min(busy, key=lambda d: str(d.get("state", {}).get("job_timestamp") or "")) if busy else answers[0][1]
         chosen = {**chosen, "state": {**chosen.get("state", {}), "job_count": jobs}}
         return JSONResponse(chosen)
+
+
+async def _awaited(response):
+    return await response
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (its body is read: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def forwarded_headers(request: Request) -> dict[str, str]:
