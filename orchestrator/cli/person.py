@@ -154,8 +154,8 @@ def logs(
         end_progress()
         try:
             with orch.connect(record, timeout=60) as session:
-                return access.run_streaming(session, command)
-        except KeyboardInterrupt:
+                return access.run_streaming(session, command, interrupted=0)  # Ctrl-C ends a follow quietly
+        except KeyboardInterrupt:  # before the stream began
             return 0
 
     code = run(False, go)
