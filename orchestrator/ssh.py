@@ -143,7 +143,13 @@ class SshSession:
         return self.transport.is_active()
 
     def run(self, command: str, timeout: float | None = 600, check: bool = True, stdin: bytes | None = None) -> CommandResult:
-        chan = self.transport.open_session(timeout=30)
+        try:
+            chan = self.transport.open_session(timeout=30)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            # The connection dropped (the instance's SSH server went away, the network): an error
+            # that says so, not a traceback (CI: `orch up` ended in one, exit 2).
+            raise SshError(f"the SSH connection to {self.endpoint.host}:{self.endpoint.port} was lost ({e}) "
+                           f"before: {command[:200]}") from e
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)

@@ -20,21 +20,19 @@ import datetime as dt
 import os
 import re
 import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import ConfigError, LifecycleError, NotRunning, OrchError
 from ..providers.base import InstanceStatus, NotFound
-from ..ssh import SshSession, sh_path
+from ..ssh import sh_path
 from ..state import InstanceRecord, State
 from . import reconcile, tunnels
 from .context import Ctx
 from .remote import open_session, runtime_for
+from .streaming import run_streaming  # noqa: F401  (the CLI's name for it)
 from .states import BILLING_STATES, LifecycleState
 
 S = LifecycleState
@@ -205,45 +203,6 @@ def ssh_argv(config: SshConfig, name: str, command: list[str], tty: bool | None 
     if tty is True:
         argv.append("-t")
     return [*argv, host, *command]
-
-
-def run_streaming(session: SshSession, command: str, out: IO[bytes] | None = None, err: IO[bytes] | None = None,
-                  interrupted: int = 130) -> int:
-    """Run COMMAND, copying its output as it comes (a follow that runs until Ctrl-C); its exit code.
-
-    Ctrl-C (SIGINT) ends it with `interrupted` (130, a shell's code for it), between two reads: the signal only sets a flag, so it never
-    lands inside paramiko's code holding one of its locks, which the close below then waits on
-    (a follow once ignored Ctrl-C for 30 s in CI)."""
-    out = out or sys.stdout.buffer
-    err = err or sys.stderr.buffer
-    stop = threading.Event()
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set()) if on_main else None
-    chan = session.transport.open_session(timeout=30)
-    try:
-        chan.exec_command(command)
-        chan.shutdown_write()
-        while not stop.is_set():
-            got = False
-            if chan.recv_ready():
-                out.write(chan.recv(65536))
-                out.flush()
-                got = True
-            if chan.recv_stderr_ready():
-                err.write(chan.recv_stderr(65536))
-                err.flush()
-                got = True
-            if not got:
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    return chan.recv_exit_status()
-                if chan.closed:
-                    raise LifecycleError("the connection to the instance was lost")
-                stop.wait(0.02)
-        return interrupted
-    finally:
-        chan.close()
-        if on_main:
-            signal.signal(signal.SIGINT, previous)
 
 
 def remote_command(command: list[str]) -> str:

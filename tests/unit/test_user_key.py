@@ -48,3 +48,4 @@ def test_a_key_there_already_is_kept(tmp_path):
     first = ensure_user_key(tmp_path)
     before = first.read_bytes()
     assert ensure_user_key(tmp_path) == first and first.read_bytes() == before
+
