@@ -45,7 +45,6 @@ def sh_path(path: str) -> str:
     return shlex.quote(path)
 
 
-
 def fingerprint(host_key: str) -> str:
     """OpenSSH-style SHA256 fingerprint of 'type base64'."""
     blob = base64.b64decode(host_key.split()[1])
