@@ -115,6 +115,29 @@ class ClientsRun:
     batch_sizes: dict[int, int]  # images in the batch a request ran in -> requests
     gpu_idle_median_s: float | None  # the GPU's wait before each batch: the clients' turnaround and the gather
     phases_median: dict[str, float]
+    # While every client is still sending (from the last client's first answer to the first
+    # client's last one): the concurrency asked for, without the ramp and the tail.
+    steady_images_per_s: float | None = None
+    # Medians of a request's way in (client sent -> the server's handler began), its way out
+    # (the handler returned -> the client had the whole answer), and the client's own turn
+    # (an answer read -> its next request sent). Same host, so wall clocks compare.
+    way_in_median_s: float | None = None
+    way_out_median_s: float | None = None
+    client_turn_median_s: float | None = None
+
+
+def _steady_rate(done: dict[int, list[float]]) -> float | None:
+    starts = [times[0] for times in done.values() if times]
+    ends = [times[-1] for times in done.values() if times]
+    if len(starts) < len(done) or not starts:
+        return None
+    t_a, t_b = max(starts), min(ends)
+    inside = sum(1 for times in done.values() for t in times if t_a < t <= t_b)
+    return inside / (t_b - t_a) if t_b > t_a and inside else None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def run_clients(server: "Server", body: dict, clients: int, rounds: int) -> ClientsRun:
@@ -124,16 +147,29 @@ def run_clients(server: "Server", body: dict, clients: int, rounds: int) -> Clie
     idle: list[float] = []
     phases: list[dict] = []
     lock = threading.Lock()
+    done: dict[int, list[float]] = {c: [] for c in range(clients)}
+    way_in: list[float] = []
+    way_out: list[float] = []
+    turn: list[float] = []
 
     def client(c: int) -> None:
+        last_answer = None
         for k in range(rounds):
             try:
+                sent = time.time()
+                if last_answer is not None:
+                    turn.append(sent - last_answer)
                 r = server.client.post(f"{server.base}/sdapi/v1/txt2img", headers={"Authorization": f"Bearer {TOKEN}"},
                                        json={**body, "prompt": f"{body['prompt']}, client {c} take {k}",
                                              "seed": 1000 + 100 * c + k})
+                answered = last_answer = time.time()
                 r.raise_for_status()
                 info = json.loads(r.json()["info"])
                 with lock:
+                    done[c].append(answered)
+                    if "orch_received_at" in info:
+                        way_in.append(info["orch_received_at"] - sent)
+                        way_out.append(answered - info["orch_answered_at"])
                     replica = r.headers.get("x-orch-replica", "-")
                     served[replica] = served.get(replica, 0) + 1
                     batch_sizes.append(info["orch_batch_images"])
@@ -154,7 +190,9 @@ def run_clients(server: "Server", body: dict, clients: int, rounds: int) -> Clie
     return ClientsRun(images_per_s=(clients * rounds - len(errors)) / elapsed, errors=errors, served=served,
                       batch_sizes={b: batch_sizes.count(b) for b in sorted(set(batch_sizes))},
                       gpu_idle_median_s=statistics.median(idle) if idle else None,
-                      phases_median={k: statistics.median(p[k] for p in timed) for k in timed[0]} if timed else {})
+                      phases_median={k: statistics.median(p[k] for p in timed) for k in timed[0]} if timed else {},
+                      steady_images_per_s=_steady_rate(done), way_in_median_s=_median(way_in),
+                      way_out_median_s=_median(way_out), client_turn_median_s=_median(turn))
 
 
 def start(server: Server, label: str, body: dict, results: dict) -> None:

@@ -115,8 +115,11 @@ def main() -> None:
             run = run_clients(server, body, clients, rounds)
             ips = run.images_per_s
             extra = {"errors": run.errors[:3], "error_count": len(run.errors), "served": run.served,
-                     "batch_sizes": run.batch_sizes, "gpu_idle_before_batch_median_s": run.gpu_idle_median_s}
+                     "batch_sizes": run.batch_sizes, "gpu_idle_before_batch_median_s": run.gpu_idle_median_s,
+                     "way_in_median_s": run.way_in_median_s, "way_out_median_s": run.way_out_median_s,
+                     "client_turn_median_s": run.client_turn_median_s}
             results[f"{label}_images_per_s"] = ips
+            results[f"{label}_steady_images_per_s"] = run.steady_images_per_s
             results[f"{label}_clients"] = extra
             log(f"{label} ({gpus} GPU, {len(health.get('replicas', [])) or 1} replica(s)): {ips:.2f} images/s, {extra}")
             if n_batch:
@@ -128,6 +131,8 @@ def main() -> None:
             server.stop()
 
     results["ratio_clients"] = results["all_gpus_images_per_s"] / results["one_gpu_images_per_s"]
+    if results["one_gpu_steady_images_per_s"] and results["all_gpus_steady_images_per_s"]:
+        results["ratio_clients_steady"] = results["all_gpus_steady_images_per_s"] / results["one_gpu_steady_images_per_s"]
     if n_batch:
         results["ratio_batch"] = results["all_gpus_batch_images_per_s"] / results["one_gpu_batch_images_per_s"]
     print()
@@ -135,6 +140,10 @@ def main() -> None:
     print(f"{'images/s, 1 GPU (no Ray)':<44}{results['one_gpu_images_per_s']:>10.2f}")
     print(f"{f'images/s, {args.gpus} GPUs through one URL (Ray Serve)':<44}{results['all_gpus_images_per_s']:>10.2f}")
     print(f"{'ratio':<44}{results['ratio_clients']:>10.2f}x")
+    if "ratio_clients_steady" in results:
+        print(f"{'  while all clients send, images/s, 1 GPU':<44}{results['one_gpu_steady_images_per_s']:>10.2f}")
+        print(f"{f'  while all clients send, {args.gpus} GPUs':<44}{results['all_gpus_steady_images_per_s']:>10.2f}")
+        print(f"{'  ratio':<44}{results['ratio_clients_steady']:>10.2f}x")
     if n_batch:
         print(f"{f'batch of {n_batch}, images/s, 1 GPU':<44}{results['one_gpu_batch_images_per_s']:>10.2f}")
         print(f"{f'batch of {n_batch}, images/s, {args.gpus} GPUs':<44}{results['all_gpus_batch_images_per_s']:>10.2f}")

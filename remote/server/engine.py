@@ -177,8 +177,11 @@ class Engine:
                 self._pending.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
-            if len(self._pending) < self.max_batch:
-                deadline = max(deadline, min(time.monotonic() + self.window_s, burst_end))
+            # A full batch starts now: waiting out the window for more only idled the GPU (5 ms
+            # before every batch with 16 clients on one GPU; measured on an H200).
+            if sum(j.images for j in self._pending if not j.background) >= self.max_batch:
+                break
+            deadline = max(deadline, min(time.monotonic() + self.window_s, burst_end))
         # User jobs first; background warm-up only after a quiet moment with nothing waiting,
         # so a user who arrives right after "ready" is not stuck behind a compile.
         users = [j for j in self._pending if not j.background]

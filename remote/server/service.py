@@ -44,7 +44,7 @@ class GenerationService:
     def run(self, body, kind: str, cancel: threading.Event | None = None) -> GenerationOutput:
         """# 1. readiness  # 2. read the request  # 3. will it fit  # 4. submit and wait  # 5. encode and describe
         # 6. keep the images (in the background)."""
-        entered = time.perf_counter()
+        entered, received_at = time.perf_counter(), time.time()
         state, models = self.state, self.state.models
         # 1. A model to serve.
         state.check_ready()
@@ -113,6 +113,8 @@ class GenerationService:
                     orch_phase_seconds=result.extra.get("phases", {}), orch_encode_seconds=round(encode_seconds, 4))
         # From the handler's start to here: the rest of a client's wait is HTTP and JSON.
         info["orch_request_seconds"] = round(time.perf_counter() - entered, 4)
+        # Wall-clock times (Unix seconds): a client on the same host tells the way in from the way out.
+        info.update(orch_received_at=round(received_at, 4), orch_answered_at=round(time.time(), 4))
         exclude = {"init_images", "mask"} if kind == "img2img" and not body.include_init_images else set()
         parameters = body.model_dump(exclude=exclude)
         return GenerationOutput(images=encoded, parameters=parameters, info=json.dumps(info), kept=kept)

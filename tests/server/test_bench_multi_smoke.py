@@ -23,3 +23,5 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
     results = json.loads(path.read_text())
     assert results["one_gpu_clients"]["error_count"] == 0 and results["all_gpus_clients"]["error_count"] == 0
     assert results["ratio_clients"] > 0 and results["one_gpu_batch"] and results["all_gpus_batch"]
+    for label in ("one_gpu", "all_gpus"):  # where a request's time went, from the answers' own times
+        assert results[f"{label}_clients"]["way_in_median_s"] > 0 and results[f"{label}_clients"]["way_out_median_s"] > 0
