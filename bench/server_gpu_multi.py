@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=200, help="requests in the batch job; 0 skips it")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--home")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also run the N-GPU server with these environment settings (Ray's, say), same clients")
+    parser.add_argument("--skip-one-gpu", action="store_true", help="comparing variants only: no 1-GPU run, no ratios")
     args = parser.parse_args()
 
     import torch
@@ -101,9 +104,14 @@ def main() -> None:
     results: dict = {"device": "cpu" if smoke else torch.cuda.get_device_name(), "gpus": args.gpus, "size": side,
                      "steps": steps, "clients": clients, "rounds": rounds}
 
-    for label, gpus in (("one_gpu", 1), ("all_gpus", args.gpus)):
+    runs = [] if args.skip_one_gpu else [("one_gpu", 1, {})]
+    runs.append(("all_gpus", args.gpus, {}))
+    for variant in args.variant:
+        name, _, settings = variant.partition(":")
+        runs.append((f"variant_{name}", args.gpus, dict(kv.split("=", 1) for kv in settings.split(",") if kv)))
+    for label, gpus, overrides in runs:
         t = time.perf_counter()
-        server = Server(home, env, (*device, "--gpus", str(gpus)))
+        server = Server(home, {**env, **overrides}, (*device, "--gpus", str(gpus)))
         try:
             health = server.wait_ready(1800)
             if not smoke:
@@ -122,7 +130,7 @@ def main() -> None:
             results[f"{label}_steady_images_per_s"] = run.steady_images_per_s
             results[f"{label}_clients"] = extra
             log(f"{label} ({gpus} GPU, {len(health.get('replicas', [])) or 1} replica(s)): {ips:.2f} images/s, {extra}")
-            if n_batch:
+            if n_batch and not label.startswith("variant_"):
                 bps, stats = batch_images_per_s(server, body, n_batch, home / f"batch-{label}")
                 results[f"{label}_batch_images_per_s"] = bps
                 results[f"{label}_batch"] = stats
@@ -130,6 +138,14 @@ def main() -> None:
         finally:
             server.stop()
 
+    for label, _, overrides in runs[1:] if not args.skip_one_gpu else runs:
+        c = results[f"{label}_clients"]
+        print(f"{label:<24}{results[f'{label}_images_per_s']:>7.2f} images/s, while all send "
+              f"{results[f'{label}_steady_images_per_s'] or 0:>6.2f}; way in {c['way_in_median_s'] * 1000:.1f} ms, "
+              f"out {c['way_out_median_s'] * 1000:.1f} ms, GPU idle {c['gpu_idle_before_batch_median_s'] * 1000:.1f} ms {overrides}")
+    if args.skip_one_gpu:
+        save(args.out, smoke, results)
+        return
     results["ratio_clients"] = results["all_gpus_images_per_s"] / results["one_gpu_images_per_s"]
     if results["one_gpu_steady_images_per_s"] and results["all_gpus_steady_images_per_s"]:
         results["ratio_clients_steady"] = results["all_gpus_steady_images_per_s"] / results["one_gpu_steady_images_per_s"]
@@ -148,9 +164,13 @@ def main() -> None:
         print(f"{f'batch of {n_batch}, images/s, 1 GPU':<44}{results['one_gpu_batch_images_per_s']:>10.2f}")
         print(f"{f'batch of {n_batch}, images/s, {args.gpus} GPUs':<44}{results['all_gpus_batch_images_per_s']:>10.2f}")
         print(f"{'ratio':<44}{results['ratio_batch']:>10.2f}x")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"server_gpu_multi_{'smoke' if smoke else 'sd15'}.json").write_text(json.dumps(results, indent=1))
+    save(args.out, smoke, results)
+
+
+def save(out: str | None, smoke: bool, results: dict) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"server_gpu_multi_{'smoke' if smoke else 'sd15'}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
