@@ -210,6 +210,26 @@ def test_each_replica_writes_its_own_activity_for_the_agent(server):
         assert data["pid"] in replica_pids(server.healthz()).values() or not pid_alive(data["pid"])
 
 
+def test_rays_ports_answer_only_a_caller_with_the_servers_ray_token(server, tmp_path):
+    """Ray 2.60 listens on every interface of the instance, whatever address it is given: only
+    its token keeps others out. The token is this start's own, readable by this user only."""
+    folder, token = server.home / "ray", server.home / "ray" / "auth_token"
+    assert folder.stat().st_mode & 0o777 == 0o700 and token.stat().st_mode & 0o777 == 0o600
+    assert len(token.read_text().strip()) == 64
+    address = (server.home / "ray" / "address").read_text().strip()
+    host, port = address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=5).close()  # it listens there
+    probe = ("import ray\ntry:\n    ray.init(address=%r, log_to_driver=False)\n    print('CONNECTED', flush=True)\n"
+             "except Exception as e:\n    print('REFUSED', type(e).__name__, flush=True)\n" % address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine's user
+    without = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    assert "REFUSED" in without.stdout, without.stdout + without.stderr[-2000:]
+    with_token = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
+                                capture_output=True, text=True, timeout=180)
+    assert "CONNECTED" in with_token.stdout, with_token.stdout + with_token.stderr[-2000:]
+
+
 def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(server):
     before = server.ready_with(2)
     pids = replica_pids(before)

@@ -2,8 +2,15 @@
 
 Ray starts here, as a child of the server process, and shares its fate: when the server
 exits or is killed, Ray's processes and the replicas go with it (Ray's head processes watch
-the driver that started them). Everything listens on 127.0.0.1; no dashboard, no Serve HTTP
-proxy (the ingress is orch's own), no usage statistics sent anywhere.
+the driver that started them). No dashboard, no Serve HTTP proxy (the ingress is orch's own),
+no usage statistics sent anywhere.
+
+Ray's own ports (its GCS, raylet, workers) listen on every interface of the instance: Ray
+2.60 binds them so whatever node address it is given, and has no setting to keep them on
+loopback. They answer only a caller that presents this server's Ray token: token
+authentication is set here, not left to Ray's default, with a fresh random token for each
+start in HOME/ray/auth_token (mode 600; Ray's default is ~/.ray/auth_token, readable by
+every user). The agent's heartbeat and the API stay on 127.0.0.1 behind the SSH tunnel.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: i
     the cap, 16 clients on two GPUs settled as 9 + 7 (one GPU running batches of 8 and of 1, the
     other batches of 7 padded to 8): 8.9 images/s on two H200s where one gave 6.5."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the instance
+    os.environ["RAY_AUTH_MODE"] = "token"  # its ports are on every interface: nobody without the token (module doc)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(new_auth_token(home))
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # an inherited token would win over the file
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # A request that finds every replica full waits at Ray's router, which looks again after a
     # backoff growing from 25 ms to 500 ms: a GPU that freed a slot could idle half a second before
@@ -71,6 +81,9 @@ def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: i
     ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=replicas if on_gpu else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", namespace="orch", log_to_driver=True, configure_logging=False,
              object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": env})
+    address = home / "ray" / "address"  # the GCS address (for `ray status --address` on the instance)
+    address.with_suffix(".tmp").write_text(ray.get_runtime_context().gcs_address + "\n")
+    address.with_suffix(".tmp").replace(address)
     serve.start(http_options={"location": "NoServer"}, logging_config={"log_level": "WARNING"})
     deployment = serve.deployment(
         GpuReplica, name=DEPLOYMENT, num_replicas=replicas,
@@ -81,6 +94,22 @@ def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: i
     log.info("Ray Serve: %d replicas of the server (%s), python %s", replicas, "one GPU each" if on_gpu else "CPU",
              sys.version.split()[0])
     return handle
+
+
+def new_auth_token(home: Path) -> Path:
+    """A fresh random token for this start's Ray, readable by this user only; its path."""
+    import secrets
+
+    folder = home / "ray"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path, tmp = folder / "auth_token", folder / ".auth_token.tmp"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    tmp.replace(path)
+    return path
 
 
 def stop() -> None:
