@@ -22,7 +22,17 @@ def main() -> None:
     parser.add_argument("--gpus", default="all",
                         help="GPUs to serve from, one replica each, behind the one port (Ray Serve); 'all' (default) "
                              "or a number. With --device cpu, N replicas share the CPU (tests)")
+    parser.add_argument("--cluster-address", default=None, metavar="IP",
+                        help="this instance's private address: other instances' Ray may join this server's "
+                             "(python -m remote.server.replicas.worker), and their GPUs serve behind this URL too")
     args = parser.parse_args()
+    if args.cluster_address is not None:
+        import ipaddress
+
+        try:
+            args.cluster_address = str(ipaddress.ip_address(args.cluster_address))
+        except ValueError:
+            parser.error(f"--cluster-address: expected this instance's private IP address, got {args.cluster_address!r}")
 
     home = Path(os.path.expanduser(args.home))
     # torch.compile's caches live on the instance disk (and so in saved images): a restart
@@ -67,14 +77,19 @@ def main() -> None:
     tmp.replace(info)
 
     replicas = replica_count(args.gpus, args.device)
-    if replicas > 1:
+    on_ray = replicas > 1 or args.cluster_address is not None  # a cluster's head serves through Ray even with one GPU
+    if on_ray:
         from .replicas import cluster, registry
         from .replicas.ingress import Ingress, create_ingress
 
         registry.clear(home)
         max_batch = ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home).max_batch
-        handle = cluster.start(home, replicas, args.device, max_ongoing_requests=max_batch)
-        app = create_ingress(Ingress(home, handle, replicas))
+        deployed = cluster.start(home, replicas, args.device, max_ongoing_requests=max_batch,
+                                 cluster_address=args.cluster_address)
+        ingress = Ingress(home, deployed.handle, replicas, cluster=deployed.cluster)
+        if deployed.cluster:
+            deployed.follow(on_change=ingress.resized)
+        app = create_ingress(ingress)
     else:
         app = create_app(ServerSettings.from_env(token=token, models_dir=home / "models", state_dir=home, device=args.device))
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
@@ -85,7 +100,7 @@ def main() -> None:
     try:
         server.run(sockets=[sock])
     finally:
-        if replicas > 1:
+        if on_ray:
             cluster.stop()
 
 

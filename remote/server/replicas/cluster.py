@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger("orch.server")
@@ -47,13 +48,22 @@ def visible_gpus() -> int:
         return 0
 
 
-def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: int = 8):
-    """Start Ray and the deployment; returns the Serve handle of the replicas (they load their model in the background).
+SLOT = "orch_replica"  # the resource a replica takes on the CPU (tests); on a GPU it takes the GPU
+LOOPBACK_NODE = "127.0.1.1"  # Ray turns "127.0.0.1" into the host's own address; another loopback one it keeps
+FOLLOW_S = 2.0
+
+
+def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: int = 8,
+          cluster_address: str | None = None) -> "Replicas":
+    """Start Ray and the deployment; returns the replicas (they load their model in the background).
 
     max_ongoing_requests is the engine's largest batch: a replica takes no more requests than
     fit in one batch, and the rest wait at Ray's router for the first replica with room. Without
     the cap, 16 clients on two GPUs settled as 9 + 7 (one GPU running batches of 8 and of 1, the
-    other batches of 7 padded to 8): 8.9 images/s on two H200s where one gave 6.5."""
+    other batches of 7 padded to 8): 8.9 images/s on two H200s where one gave 6.5.
+
+    cluster_address: this instance's private address, where other instances' Ray joins this one
+    (worker.py); the deployment then follows the GPUs the cluster has (Replicas.follow)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the instance
     os.environ["RAY_AUTH_MODE"] = "token"  # its ports are on every interface: nobody without the token (module doc)
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(new_auth_token(home))
@@ -78,22 +88,78 @@ def start(home: Path, replicas: int, device: str | None, max_ongoing_requests: i
     env = {k: v for k, v in os.environ.items() if k.startswith(("ORCH_", "TORCH", "TRITON_", "HF_", "TRANSFORMERS_",
                                                                   "DIFFUSERS_", "PYTORCH_", "NCCL_", "RAY_"))}
     env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=replicas if on_gpu else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", namespace="orch", log_to_driver=True, configure_logging=False,
-             object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": env})
-    address = home / "ray" / "address"  # the GCS address (for `ray status --address` on the instance)
+    # address="local": a new Ray of this server's own, never one a `ray start` left on this host.
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), num_gpus=replicas if on_gpu else 0,
+             resources=None if on_gpu else {SLOT: replicas}, include_dashboard=False,
+             _node_ip_address=cluster_address or LOOPBACK_NODE, namespace="orch", log_to_driver=True,
+             configure_logging=False, object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": env})
+    address = home / "ray" / "address"  # the GCS address: where workers join, and `ray status --address`
     address.with_suffix(".tmp").write_text(ray.get_runtime_context().gcs_address + "\n")
     address.with_suffix(".tmp").replace(address)
+    token, roster = None, None
+    if cluster_address:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from . import registry
+
+        here_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Held by Replicas: an actor nobody holds a handle to is ended by Ray, name or not.
+        roster = ray.remote(registry.Roster).options(name=registry.ROSTER, num_cpus=0,
+                                                     scheduling_strategy=here_node).remote()
+        token = (home / "token").read_text().strip()  # the other hosts' replicas answer with this server's token
     serve.start(http_options={"location": "NoServer"}, logging_config={"log_level": "WARNING"})
     deployment = serve.deployment(
         GpuReplica, name=DEPLOYMENT, num_replicas=replicas,
-        ray_actor_options={"num_gpus": 1 if on_gpu else 0, "num_cpus": 0},
+        ray_actor_options={"num_gpus": 1, "num_cpus": 0} if on_gpu else {"num_cpus": 0, "resources": {SLOT: 1}},
         max_ongoing_requests=max_ongoing_requests,
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
-    handle = serve.run(deployment.bind(str(home), device), name=APP, route_prefix=None)
-    log.info("Ray Serve: %d replicas of the server (%s), python %s", replicas, "one GPU each" if on_gpu else "CPU",
-             sys.version.split()[0])
-    return handle
+    args = (str(home), device, token)
+    handle = serve.run(deployment.bind(*args), name=APP, route_prefix=None)
+    log.info("Ray Serve: %d replicas of the server (%s), python %s%s", replicas, "one GPU each" if on_gpu else "CPU",
+             sys.version.split()[0], f"; other instances join at {ray.get_runtime_context().gcs_address}"
+             if cluster_address else "")
+    return Replicas(handle, deployment, args, replicas, "GPU" if on_gpu else SLOT, roster=roster)
+
+
+class Replicas:
+    """The deployment's handle and size. In a cluster its size follows the GPUs of the nodes that
+    joined or left (an instance stopped): one replica per GPU, wherever Ray finds it."""
+
+    def __init__(self, handle, deployment, args: tuple, count: int, slot: str, roster=None):
+        self.handle, self._deployment, self._args = handle, deployment, args
+        self.count, self._slot, self.roster = count, slot, roster
+        self.cluster = roster is not None
+
+    def slots(self) -> int:
+        import ray
+
+        return int(ray.cluster_resources().get(self._slot, 0))
+
+    def resize(self, n: int) -> None:
+        from ray import serve
+
+        # Only num_replicas changes: Ray Serve adds or removes replicas and keeps the others serving.
+        serve.run(self._deployment.options(num_replicas=n).bind(*self._args), name=APP, route_prefix=None)
+        self.count = n
+
+    def follow(self, on_change=lambda n: None, stop: threading.Event | None = None) -> threading.Thread:
+        """Resize to the cluster's slots whenever they change (checked every FOLLOW_S), on a thread."""
+        stop = stop or threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(FOLLOW_S):
+                try:
+                    n = max(1, self.slots())
+                    if n != self.count:
+                        log.info("the cluster has %d %s slot(s): %d replicas (were %d)", n, self._slot, n, self.count)
+                        on_change(n)
+                        self.resize(n)
+                except Exception as e:  # Ray going down with the server, or a resize Ray refused: say it, try again
+                    log.warning("following the cluster's size: %s", e)
+
+        thread = threading.Thread(target=loop, name="cluster-follow", daemon=True)
+        thread.start()
+        return thread
 
 
 def new_auth_token(home: Path) -> Path:

@@ -40,15 +40,33 @@ PINNED_PREFIXES = ("/ui/api/queue", "/ui/api/login-link", "/ui/login")
 
 
 class Ingress:
-    def __init__(self, home: Path, handle, replicas: int, started_at: float | None = None):
+    def __init__(self, home: Path, handle, replicas: int, started_at: float | None = None, cluster: bool = False):
         self.home = home
         self.handle = handle
         self.replicas = replicas
+        self.cluster = cluster  # other instances' replicas too: they report to the roster (registry.py)
         self.started_at = started_at or time.time()
         self.served = Counter()  # replica id -> requests it answered through the handle
         self.replica_errors = 0
         # Long reads: a checkpoint (re)load sent to every replica can take minutes on a cold disk.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(900.0, connect=5.0), limits=httpx.Limits(max_connections=64))
+
+    def resized(self, n: int) -> None:
+        """The cluster's size changed: as many replicas as it has GPUs make it ready."""
+        self.replicas = n
+
+    async def live(self) -> list[registry.ReplicaInfo]:
+        local = registry.live(self.home)
+        if not self.cluster:
+            return local
+        import ray
+
+        try:
+            roster = await ray.get_actor(registry.ROSTER, namespace="orch").live.remote()
+        except Exception as e:  # the roster is gone with Ray: this host's replicas are still known
+            log.warning("the cluster's roster did not answer: %s", e)
+            roster = []
+        return registry.merged(local, roster, {ray.util.get_node_ip_address()})
 
     # -- the doors ------------------------------------------------------------------------------
 
@@ -82,7 +100,7 @@ class Ingress:
         return relay_response(answer["status"], answer["headers"], answer["body"], answer["replica"])
 
     async def to_one(self, request: Request, replica: registry.ReplicaInfo | None = None, body: bytes | None = None) -> Response:
-        replica = replica or self.keeper()
+        replica = replica or await self.keeper()
         if replica is None:
             return error_response(503, "no GPU replica is serving yet: see /healthz")
         if body is None:
@@ -97,7 +115,7 @@ class Ingress:
 
     async def to_all(self, request: Request) -> Response:
         """The same request to every replica: the first failing answer, else the first answer."""
-        live = registry.live(self.home)
+        live = await self.live()
         if not live:
             return error_response(503, "no GPU replica is serving yet: see /healthz")
         body = await request.body()  # read once, before the concurrent sends
@@ -105,8 +123,8 @@ class Ingress:
         failed = [a for a in answers if a.status_code >= 400]
         return failed[0] if failed else answers[0]
 
-    def keeper(self) -> registry.ReplicaInfo | None:
-        live = registry.live(self.home)
+    async def keeper(self) -> registry.ReplicaInfo | None:
+        live = await self.live()
         return live[0] if live else None
 
     async def fan_out_json(self, path: str, request: Request | None = None, timeout: float = 5.0):
@@ -124,14 +142,14 @@ class Ingress:
             except httpx.HTTPError as e:
                 return r, 0, {"status": "not answering", "error": type(e).__name__}
 
-        return await asyncio.gather(*(one(r) for r in registry.live(self.home)))
+        return await asyncio.gather(*(one(r) for r in await self.live()))
 
     # -- merged answers -------------------------------------------------------------------------
 
     async def healthz(self) -> dict[str, Any]:
         answers = await self.fan_out_json("/healthz")
-        replicas = [{"id": r.id, "pid": r.pid, "gpu": r.gpu, "port": r.port, **(data if isinstance(data, dict) else {})}
-                    for r, _, data in answers]
+        replicas = [{"id": r.id, "pid": r.pid, "gpu": r.gpu, "host": r.host, "port": r.port,
+                     **(data if isinstance(data, dict) else {})} for r, _, data in answers]
         statuses = [rep.get("status") for rep in replicas]
         if any(s == "error" for s in statuses):
             status = "error"
@@ -140,7 +158,7 @@ class Ingress:
         else:
             status = "loading" if not replicas else (statuses[0] if statuses[0] != "ready" else "loading")
         first = replicas[0] if replicas else {}
-        out = {k: v for k, v in first.items() if k not in ("id", "pid", "gpu", "port", "status", "uptime")}
+        out = {k: v for k, v in first.items() if k not in ("id", "pid", "gpu", "host", "port", "status", "uptime")}
         if status == "error":
             out["error"] = next(rep.get("error") for rep in replicas if rep.get("status") == "error")
         return {**out, "status": status, "gpus": self.replicas, "replicas": replicas,

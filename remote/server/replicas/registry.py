@@ -2,6 +2,10 @@
 
 Standard library only (the ingress reads it on every fan-out). A file whose process is gone
 is a replica Ray Serve has replaced: it is skipped, and removed.
+
+A server whose Ray other instances join (a cluster, `--cluster-address`) also has replicas on
+other hosts, whose files the ingress cannot read: those report to a small Ray actor instead
+(`Roster`, named ROSTER), every BEAT_S, and count as live while their reports keep coming.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ class ReplicaInfo:
     port: int
     gpu: str  # CUDA_VISIBLE_DEVICES as Ray set it ("" on the CPU)
     started_at: float
+    host: str = "127.0.0.1"  # where its port listens: its node's private address in a cluster
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
 
 def folder(home: Path) -> Path:
@@ -67,3 +72,44 @@ def clear(home: Path) -> None:
     for f in home.glob("activity-*.json"):
         f.unlink(missing_ok=True)
     os.makedirs(folder(home), exist_ok=True)
+
+
+ROSTER = "orch-replicas"
+BEAT_S = 2.0
+STALE_S = 3 * BEAT_S  # three reports missed: its node or its process is gone
+
+
+class Roster:
+    """The replicas of every node of a cluster (a Ray actor on the head: see the module doc)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._seen: dict[str, tuple[float, dict]] = {}
+
+    def beat(self, info: dict) -> None:
+        self._seen[info["id"]] = (self._clock(), info)
+
+    def leave(self, replica_id: str) -> None:
+        self._seen.pop(replica_id, None)
+
+    def live(self) -> list[dict]:
+        now = self._clock()
+        for rid in [rid for rid, (t, _) in self._seen.items() if now - t > STALE_S]:
+            del self._seen[rid]
+        return [info for _, info in self._seen.values()]
+
+
+def merged(local: list[ReplicaInfo], roster: list[dict], here: set[str]) -> list[ReplicaInfo]:
+    """This host's replicas (from their files: a dead one drops out at once) and the other hosts'
+    (from the roster), oldest first. `here`: this host's addresses, whose roster entries the files cover."""
+    out = list(local)
+    seen = {r.id for r in local}
+    for d in roster:
+        if d.get("id") not in seen and d.get("host") not in here:
+            try:
+                out.append(ReplicaInfo(**d))
+            except TypeError:
+                continue
+    return sorted(out, key=lambda r: (r.started_at, r.id))

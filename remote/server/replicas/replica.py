@@ -27,11 +27,11 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "
                         "proxy-authenticate", "content-length"})
 
 
-def listen() -> tuple[socket.socket, int]:
+def listen(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     return sock, sock.getsockname()[1]
 
 
@@ -95,7 +95,12 @@ class AsgiExchange:
 class GpuReplica:
     """The body of the Ray Serve deployment (cluster.py wraps it with serve.deployment)."""
 
-    def __init__(self, home: str, device: str | None) -> None:
+    def __init__(self, home: str, device: str | None, cluster_token: str | None = None) -> None:
+        """cluster_token: the head's API token, given when the server's Ray is a cluster's (other
+        instances joined it). A replica on another instance then serves from that instance's own
+        home (ORCH_NODE_HOME, set by worker.py: its models, its activity file for its own agent),
+        listens on its node's private address for the head's ingress, and reports to the roster."""
+        import ray
         import uvicorn
         from ray import serve
 
@@ -104,13 +109,14 @@ class GpuReplica:
         from ..settings import ServerSettings
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.home = Path(home)
+        self.home = Path(os.environ.get("ORCH_NODE_HOME") or home) if cluster_token else Path(home)
         self.id = serve.get_replica_context().replica_id.unique_id
-        token = (self.home / "token").read_text().strip()
+        token = cluster_token or (self.home / "token").read_text().strip()
         settings = ServerSettings.from_env(token=token, models_dir=self.home / "models", state_dir=self.home, device=device,
                                            activity_name=f"activity-{self.id}.json")
         app = create_app(settings)
-        sock, port = listen()
+        host = ray.util.get_node_ip_address() if cluster_token else "127.0.0.1"
+        sock, port = listen(host)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="replica-http", daemon=True)
         self.thread.start()
@@ -122,9 +128,27 @@ class GpuReplica:
         self.app = app
         self._abandoned: set[asyncio.Task] = set()  # requests whose caller gave up, still ending in the app
         self.info = registry.ReplicaInfo(id=self.id, pid=os.getpid(), pid_start=process_start(os.getpid()), port=port,
-                                         gpu=os.environ.get("CUDA_VISIBLE_DEVICES", ""), started_at=time.time())
+                                         gpu=os.environ.get("CUDA_VISIBLE_DEVICES", ""), started_at=time.time(),
+                                         host=host)
         registry.register(self.home, self.info)
-        log.info("replica %s serves on 127.0.0.1:%d (GPU %s)", self.id, port, self.info.gpu or "none")
+        if cluster_token:
+            self._reporting = threading.Event()
+            threading.Thread(target=self._report, name="roster-beat", daemon=True).start()
+        log.info("replica %s serves on %s:%d (GPU %s)", self.id, host, port, self.info.gpu or "none")
+
+    def _report(self) -> None:
+        """Tell the cluster's roster this replica lives, every BEAT_S (the head cannot read its file)."""
+        import ray
+
+        roster = None
+        while not self._reporting.is_set():
+            try:
+                roster = roster or ray.get_actor(registry.ROSTER, namespace="orch")
+                roster.beat.remote(self.info.__dict__)
+            except Exception as e:  # the head's Ray going away: this replica goes with it
+                roster = None
+                log.warning("replica %s: the cluster's roster did not take its report: %s", self.id, e)
+            self._reporting.wait(registry.BEAT_S)
 
     async def http(self, request: dict[str, Any]) -> dict[str, Any]:
         """One HTTP request, handed to this replica's app: {status, headers, body, replica}.
