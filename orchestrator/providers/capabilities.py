@@ -53,4 +53,34 @@ class BootBackstop(Protocol):
     def backstop_command(self, deadline: float) -> str: ...
 
 
-__all__ = ["BootBackstop", "NativeImages", "ReportsStopReason", "SelfStopCredentials"]
+@runtime_checkable
+class PrivateNetwork(Protocol):
+    """Instances of this provider can reach each other on a private network (AWS: one VPC).
+
+    For a Ray cluster across instances: its members talk on many ports (GCS, raylet, object
+    manager, one per worker) that are not known in advance. Ray 2.60 listens on every interface
+    and answers only with the cluster's token, so the network rule is the second lock: it admits
+    the group's own members, over their private addresses, and nobody else (never the internet,
+    never other instances of the account). SSH stays as orch opened it.
+
+    - private_address: the running instance's private IPv4 address (what Ray's members bind and
+      dial); a ProviderError naming the instance if it is not running or has none.
+    - network_of: a key; instances with equal keys can reach each other once opened, others never
+      (AWS: "aws:<region>:<vpc id>").
+    - open_private_network: let these instances reach each other on every TCP port over their
+      private addresses, and open nothing else; all must share one network_of (else a
+      ProviderError naming them, before anything changes). Calling it again changes nothing.
+    - close_private_network: undo it for these instances; an instance already gone is skipped,
+      and closing twice is fine.
+    """
+
+    def private_address(self, instance_id: str) -> str: ...
+
+    def network_of(self, instance_id: str) -> str: ...
+
+    def open_private_network(self, instance_ids: list[str]) -> None: ...
+
+    def close_private_network(self, instance_ids: list[str]) -> None: ...
+
+
+__all__ = ["BootBackstop", "NativeImages", "PrivateNetwork", "ReportsStopReason", "SelfStopCredentials"]

@@ -15,8 +15,18 @@ get_console_output answer are wrapped:
                       answers (HTTP 500 InsufficientInstanceCapacity) and creates nothing; else moto
                       creates the instance, and a host is made for it: the key pair's public key in
                       its authorized_keys, the UserData as its boot script, its own loopback address
-                      as PublicIpAddress (SSH on port 22 there, as on EC2). `pending` until the host's
-                      SSH server is up, then `running` (moto alone jumps to `running` at once).
+                      as PublicIpAddress (SSH on port 22 there, as on EC2) and as PrivateIpAddress too
+                      (the primary network interface's: an address the host can bind and every other
+                      host can reach, as one VPC's instances reach each other; moto's would be a
+                      172.31.x.y that nothing here answers), and the instance's SecurityGroups are its
+                      primary interface's (moto leaves them empty for groups given on the interface).
+                      `pending` until the host's SSH server is up, then `running` (moto alone jumps to
+                      `running` at once).
+  modify_instance_attribute Groups
+                      replaces the primary interface's groups, as EC2 does (moto's interface would keep
+                      its launch groups beside the new ones); a group id that does not exist is
+                      InvalidGroup.NotFound, and an instance shutting down or terminated (no interface
+                      left) is IncorrectInstanceState (that code is the simulator's: EC2 documents none).
   stop_instances      `stopping` until every process of the host ended, then `stopped` (the disk
                       stays). A one-time spot instance cannot be stopped (UnsupportedOperation).
   start_instances     `pending` until the host booted again (its boot script runs again, as a
@@ -241,7 +251,7 @@ class AwsSimulator:
         from moto.ec2.models.instances import InstanceBackend
         from moto.ec2.responses.general import General
 
-        names = ("run_instances", "start_instances", "stop_instances", "terminate_instances")
+        names = ("run_instances", "start_instances", "stop_instances", "terminate_instances", "modify_instance_security_groups")
         self._originals = {name: InstanceBackend.__dict__[name] for name in names}
         self._original_console = General.__dict__["get_console_output"]
         sim, original = self, self._originals
@@ -299,6 +309,23 @@ class AwsSimulator:
                     sim._power_down(instance, "terminated")
             return result
 
+        def modify_instance_security_groups(backend: Any, instance_id: str, new_group_id_list: list[str]) -> Any:
+            from moto.ec2.exceptions import EC2ClientError, InvalidSecurityGroupNotFoundError
+
+            instance = backend.get_instance(instance_id)
+            if instance.state in ("shutting-down", "terminated"):
+                raise EC2ClientError("IncorrectInstanceState", f"The instance '{instance_id}' is not in a state from which "
+                                                               f"its security groups can be changed.")
+            groups = [backend.get_security_group_from_id(g) for g in new_group_id_list]
+            missing = [g for g, found in zip(new_group_id_list, groups) if found is None]
+            if missing:
+                raise InvalidSecurityGroupNotFoundError(missing[0])
+            result = original["modify_instance_security_groups"](backend, instance_id, new_group_id_list)
+            nic = instance.nics.get(0)
+            if nic is not None:
+                nic._group_set = list(groups)
+            return result
+
         def get_console_output(response: Any) -> Any:
             from moto.core.responses import ActionResult
             from moto.core.utils import utcnow
@@ -309,7 +336,8 @@ class AwsSimulator:
                                  "Output": Base64EncodedString.from_raw_string(sim.console(instance.id))})
 
         for name, fn in (("run_instances", run_instances), ("start_instances", start_instances),
-                         ("stop_instances", stop_instances), ("terminate_instances", terminate_instances)):
+                         ("stop_instances", stop_instances), ("terminate_instances", terminate_instances),
+                         ("modify_instance_security_groups", modify_instance_security_groups)):
             setattr(InstanceBackend, name, fn)
         General.get_console_output = get_console_output
 
@@ -356,7 +384,24 @@ class AwsSimulator:
         sudo = self.hosts.dir(instance.id) / "image-bin" / "sudo"
         sudo.write_text(SUDO)
         sudo.chmod(0o755)
+        self._private_address(instance)
         self._boot(instance)
+
+    def _private_address(self, instance: Any) -> None:
+        """The host's own loopback address as the primary interface's private one; its groups as the instance's."""
+        from moto.ec2.utils import generate_dns_from_ip
+
+        nic = instance.nics.get(0)
+        if nic is None:
+            return
+        address = self.hosts.address(instance.id)[0]
+        # instance._private_ips keeps moto's subnet address, so moto still frees it from the subnet at the end.
+        nic.private_ip_address = address
+        nic.private_ip_addresses = [{"Primary": True, "PrivateIpAddress": address}]
+        if getattr(nic, "private_dns_name", None):
+            nic.private_dns_name = generate_dns_from_ip(address)
+            nic.private_ip_addresses[0]["PrivateDnsName"] = nic.private_dns_name
+        instance.security_groups = list(dict.fromkeys([*nic._group_set, *instance.security_groups]))
 
     def _set_state(self, instance: Any, state: str) -> None:
         with self._lock:

@@ -13,6 +13,10 @@ and a security group that opens only SSH.
 - Spot instances are one-time requests that EC2 terminates on interruption. EC2 cannot stop
   them (only persistent requests can be stopped, and EC2 restarts those by itself when capacity
   returns: billing that nobody asked for), so `stop` terminates a spot instance.
+- PrivateNetwork (a Ray cluster's members): a second group per VPC, `orch-cluster`, whose only inbound
+  rule is every TCP port from its own members (a group reference matches their private addresses
+  only); open adds it beside the instances' SSH group, close takes it off. Not in the SSH group,
+  which takes out every rule but SSH from aws.ssh_cidr.
 - Instance ids are `i-...@region` (EC2's ids are regional); a bare `i-...` is looked up in
   every region orch uses.
 """
@@ -24,7 +28,7 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import ConfigError
 from ..base import (
@@ -70,10 +74,11 @@ RECENT_S = 60.0  # EC2 is eventually consistent: a new instance may be unknown t
 
 IMAGE_TAG = "orch-image"
 IMAGE_TIMEOUT_S = 1800.0
+CLUSTER_GROUP = "orch-cluster"  # per VPC: every TCP port between its members (PrivateNetwork)
 
 
 class AwsProvider:
-    """Implements Provider, ReportsStopReason, NativeImages (AMIs) and BootBackstop."""
+    """Implements Provider, ReportsStopReason, NativeImages (AMIs), BootBackstop and PrivateNetwork (one VPC)."""
 
     name = "aws"
     capabilities = Capabilities(regions=prices.REGIONS, gpus=prices.GPUS)
@@ -295,39 +300,50 @@ class AwsProvider:
         cidr = self.settings.ssh_cidr
         if (region, vpc) in self._groups:
             return self._groups[(region, vpc)]
-        name = f"orch-ssh-{cidr}"
-        filters = [{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}]
-        groups = self.ec2.call(region, "describe_security_groups", Filters=filters).get("SecurityGroups") or []
-        if groups:
-            group_id, rules = groups[0]["GroupId"], groups[0].get("IpPermissions") or []
-        else:
-            try:
-                group_id = self.ec2.call(region, "create_security_group", GroupName=name, VpcId=vpc,
-                                         Description=f"orch: SSH (22) from {cidr} only",
-                                         TagSpecifications=[{"ResourceType": "security-group",
-                                                             "Tags": [{"Key": ORCH_TAG, "Value": "1"}]}])["GroupId"]
-            except ProviderError as e:
-                if getattr(e, "aws_code", "") != "InvalidGroup.Duplicate":
-                    raise
-                group_id = self.ec2.call(region, "describe_security_groups", Filters=filters)["SecurityGroups"][0]["GroupId"]
-            rules = []
+        group_id, rules = self._group(region, vpc, f"orch-ssh-{cidr}", f"orch: SSH (22) from {cidr} only")
         ranges = "Ipv6Ranges" if ":" in cidr else "IpRanges"
         key = "CidrIpv6" if ":" in cidr else "CidrIp"
-        extra = [r for r in rules if not (r.get("IpProtocol") == "tcp" and r.get("FromPort") == 22 and r.get("ToPort") == 22
-                                          and [x.get(key) for x in r.get(ranges) or []] == [cidr]
-                                          and not r.get("IpRanges" if ranges == "Ipv6Ranges" else "Ipv6Ranges")
-                                          and not r.get("UserIdGroupPairs") and not r.get("PrefixListIds"))]
-        if extra:  # only SSH from the configured range: anything else someone added is taken out
+
+        def ssh(r: dict[str, Any]) -> bool:
+            return (r.get("IpProtocol") == "tcp" and r.get("FromPort") == 22 and r.get("ToPort") == 22
+                    and [x.get(key) for x in r.get(ranges) or []] == [cidr]
+                    and not r.get("IpRanges" if ranges == "Ipv6Ranges" else "Ipv6Ranges")
+                    and not r.get("UserIdGroupPairs") and not r.get("PrefixListIds"))
+
+        self._only_rule(region, group_id, rules, ssh,
+                        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, ranges: [{key: cidr, "Description": "orch: SSH"}]})
+        self._groups[(region, vpc)] = group_id
+        return group_id
+
+    def _group(self, region: str, vpc: str, name: str, description: str) -> tuple[str, list[dict[str, Any]]]:
+        """The security group `name` of this VPC (made with orch's tag if missing) and its inbound rules."""
+        filters = [{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}]
+        groups = self.ec2.call(region, "describe_security_groups", Filters=filters).get("SecurityGroups") or []
+        with _reading("describe_security_groups", region):
+            if groups:
+                return groups[0]["GroupId"], groups[0].get("IpPermissions") or []
+            try:
+                return self.ec2.call(region, "create_security_group", GroupName=name, VpcId=vpc, Description=description,
+                                     TagSpecifications=[{"ResourceType": "security-group",
+                                                         "Tags": [{"Key": ORCH_TAG, "Value": "1"}]}])["GroupId"], []
+            except ProviderError as e:
+                if getattr(e, "aws_code", "") != "InvalidGroup.Duplicate":  # another orch made it meanwhile
+                    raise
+                found = self.ec2.call(region, "describe_security_groups", Filters=filters)["SecurityGroups"][0]
+                return found["GroupId"], found.get("IpPermissions") or []
+
+    def _only_rule(self, region: str, group_id: str, rules: list[dict[str, Any]], wanted: Callable[[dict[str, Any]], bool],
+                   rule: dict[str, Any]) -> None:
+        """Make `rule` the group's only inbound rule: anything else someone added is taken out."""
+        extra = [r for r in rules if not wanted(r)]
+        if extra:
             self.ec2.call(region, "revoke_security_group_ingress", GroupId=group_id, IpPermissions=extra)
         if len(extra) == len(rules):
             try:
-                self.ec2.call(region, "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[
-                    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, ranges: [{key: cidr, "Description": "orch: SSH"}]}])
+                self.ec2.call(region, "authorize_security_group_ingress", GroupId=group_id, IpPermissions=[rule])
             except ProviderError as e:
                 if getattr(e, "aws_code", "") != "InvalidPermission.Duplicate":
                     raise
-        self._groups[(region, vpc)] = group_id
-        return group_id
 
     # -- one instance --------------------------------------------------------------------
 
@@ -461,6 +477,79 @@ class AwsProvider:
     def self_stop_command(self, name: str) -> str:
         return boot.self_stop_command(self.runtime(name).home)
 
+    # -- PrivateNetwork: one VPC ----------------------------------------------------------
+
+    def private_address(self, instance_id: str) -> str:
+        region, iid, d = self._document(instance_id)
+        with _reading("describe_instances", region):
+            state, address = d["State"]["Name"], d.get("PrivateIpAddress")
+        if state != "running":
+            raise InvalidState(f"aws: instance {iid}@{region} is {state}: its private address is used only while it runs")
+        if not isinstance(address, str) or not address:
+            raise InvalidState(f"aws: instance {iid}@{region} has no private address (EC2 gave it none)")
+        return address
+
+    def network_of(self, instance_id: str) -> str:
+        region, iid, d = self._document(instance_id)
+        return f"aws:{region}:{_vpc(region, iid, d)}"
+
+    def open_private_network(self, instance_ids: list[str]) -> None:
+        """Every TCP port between these instances over their private addresses, through orch's cluster group
+        (a group rule matches only its members' private addresses); their SSH group stays as it is."""
+        members = [self._document(i) for i in instance_ids]
+        networks = {(region, _vpc(region, iid, d)) for region, iid, d in members}
+        if len(networks) > 1:
+            listed = ", ".join(f"{iid}@{region} ({d.get('VpcId')})" for region, iid, d in members)
+            raise ProviderError(f"aws: a private network joins instances of one region and one VPC; these are in "
+                                f"{len(networks)}: {listed}")
+        for region, vpc in networks:
+            group = self._cluster_group(region, vpc)
+            for _, iid, d in members:
+                groups = [g for g, _ in _primary_groups(region, d)]
+                if not groups:  # replacing an unknown set of groups could take SSH away
+                    raise BadResponse(f"EC2 describe_instances in {region} showed no security groups for {iid}")
+                if group not in groups:
+                    self.ec2.call(region, "modify_instance_attribute", InstanceId=iid, Groups=[*groups, group])
+
+    def close_private_network(self, instance_ids: list[str]) -> None:
+        """orch's cluster group off these instances; one terminated (or forgotten by EC2) is skipped."""
+        for instance_id in instance_ids:
+            try:
+                region, iid, d = self._document(instance_id)
+            except NotFound:
+                continue
+            groups = [] if _gone(d) else _primary_groups(region, d)
+            kept = [g for g, name in groups if name != CLUSTER_GROUP]
+            if len(kept) == len(groups):
+                continue
+            try:
+                self.ec2.call(region, "modify_instance_attribute", InstanceId=iid, Groups=kept)
+            except ProviderError:
+                if not self._gone_now(f"{iid}@{region}"):  # terminated since it was read: nothing left to close
+                    raise
+
+    def _gone_now(self, instance_id: str) -> bool:
+        try:
+            return _gone(self._document(instance_id)[2])
+        except NotFound:
+            return True
+
+    def _cluster_group(self, region: str, vpc: str) -> str:
+        """orch's cluster group of this VPC: every TCP port from its own members, nothing else.
+
+        Not orch's SSH group: that one takes out every rule but SSH, and admits a CIDR, not members."""
+        group_id, rules = self._group(region, vpc, CLUSTER_GROUP, "orch: every TCP port between members of this group only")
+
+        def members_only(r: dict[str, Any]) -> bool:
+            return ((r.get("IpProtocol"), r.get("FromPort"), r.get("ToPort")) == ("tcp", 0, 65535)
+                    and [p.get("GroupId") for p in r.get("UserIdGroupPairs") or []] == [group_id]
+                    and not r.get("IpRanges") and not r.get("Ipv6Ranges") and not r.get("PrefixListIds"))
+
+        self._only_rule(region, group_id, rules, members_only, {
+            "IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
+            "UserIdGroupPairs": [{"GroupId": group_id, "Description": "orch: cluster members"}]})
+        return group_id
+
     # -- NativeImages: AMIs ---------------------------------------------------------------
 
     def save_image(self, instance_id: str, name: str) -> Image:
@@ -554,6 +643,28 @@ class _reading:
             raise BadResponse(f"EC2 {self.operation} in {self.region} answered something orch cannot read "
                               f"({kind.__name__}: {error})") from error
         return False
+
+
+def _gone(d: dict[str, Any]) -> bool:
+    return (d.get("State") or {}).get("Name") in ("shutting-down", "terminated")
+
+
+def _vpc(region: str, iid: str, d: dict[str, Any]) -> str:
+    """The instance's VPC; an instance on its way out has none that counts."""
+    vpc = d.get("VpcId")
+    if _gone(d) or not isinstance(vpc, str) or not vpc:
+        state = (d.get("State") or {}).get("Name", "unknown")
+        raise InvalidState(f"aws: instance {iid}@{region} is {state} and in no VPC: it cannot join a private network")
+    return vpc
+
+
+def _primary_groups(region: str, d: dict[str, Any]) -> list[tuple[str, str]]:
+    """(id, name) of the groups on the primary network interface: the ones ModifyInstanceAttribute replaces."""
+    with _reading("describe_instances", region):
+        for nic in d.get("NetworkInterfaces") or []:
+            if nic["Attachment"]["DeviceIndex"] == 0:
+                return [(g["GroupId"], g.get("GroupName", "")) for g in nic.get("Groups") or []]
+    return []
 
 
 def _number(value: Any) -> float | None:
