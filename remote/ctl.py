@@ -69,11 +69,16 @@ def cmd_start_server(home: Path, args) -> dict:
     if current["alive"]:
         return {**current, "started": False}
     (home / "server.json").unlink(missing_ok=True)
+    stop_worker(home)  # serving by itself again: no longer lending its GPUs to another instance's server
     argv = [sys.executable, "-m", "remote.server", "--home", str(home)]
     if args.device:
         argv += ["--device", args.device]
     if args.gpus:
         argv += ["--gpus", args.gpus]
+    if getattr(args, "cluster_address", None):
+        argv += ["--cluster-address", args.cluster_address]
+    if getattr(args, "port", None):
+        argv += ["--port", str(args.port)]
     pid = spawn_detached(argv, home / "logs" / "server.log", home)
     (home / "server.pid").write_text(str(pid))
     return {"started": True, "pid": pid}
@@ -130,6 +135,74 @@ def cmd_stop_server(home: Path, args) -> dict:
     return {"stopped": stopped}
 
 
+def cmd_cluster_head(home: Path, args) -> dict:
+    """The server again, as a Ray cluster's head on this instance's private address (other
+    instances join it: cluster-join). Prints where they join, and the Ray token they need."""
+    stop_worker(home)
+    # On the port it had: the laptop's tunnel forwards there.
+    args.port = (_read_json(home / "server.json") or {}).get("port")
+    cmd_stop_server(home, args)
+    cmd_start_server(home, args)
+    info = cmd_wait_server(home, args)
+    ray = home / "ray"
+    try:
+        address, token = (ray / "address").read_text().strip(), (ray / "auth_token").read_text().strip()
+    except OSError:
+        return _fail(home, "the server started without a Ray cluster (no HOME/ray/address)")
+    return {**info, "address": address, "ray_token": token}
+
+
+def cmd_cluster_join(home: Path, args) -> dict:
+    """This instance's GPUs to the head at --join: its server stops, a Ray worker node starts
+    (remote/server/replicas/worker.py). The head's Ray token comes on stdin, never a command line."""
+    token = sys.stdin.read().strip()
+    if not token:
+        return _fail(home, "cluster-join: the head's Ray token was not given on stdin")
+    ray = home / "ray"
+    ray.mkdir(mode=0o700, exist_ok=True)
+    tmp = ray / ".cluster_token.tmp"
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(token)
+    tmp.replace(ray / "cluster_token")
+    stop_worker(home)
+    cmd_stop_server(home, args)
+    argv = [sys.executable, "-m", "remote.server.replicas.worker", "--home", str(home), "--join", args.join,
+            "--node-address", args.node_address]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.gpus and args.gpus != "all":
+        argv += ["--slots", args.gpus]
+    pid = spawn_detached(argv, home / "logs" / "worker.log", home)
+    (home / "worker.pid").write_text(str(pid))
+    time.sleep(3)  # a bad address or token ends it at once: say so here, with its log
+    if not _pid_alive(pid):
+        log = home / "logs" / "worker.log"
+        print(json.dumps({"error": "the Ray worker exited at once", "log_tail": log.read_text(errors="replace")[-3000:]
+                          if log.exists() else ""}))
+        sys.exit(1)
+    return {"pid": pid}
+
+
+def stop_worker(home: Path) -> list[int]:
+    """A Ray worker node this instance ran for a cluster (cluster-join): ended with its process group."""
+    pid = _int((home / "worker.pid").read_text()) if (home / "worker.pid").exists() else None
+    if not pid or not _pid_alive(pid):
+        return []
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.1)
+        if not _pid_alive(pid):
+            break
+    (home / "worker.pid").unlink(missing_ok=True)
+    return [pid]
+
+
 def _int(text: str) -> int | None:
     try:
         return int(text.strip())
@@ -158,6 +231,8 @@ COMMANDS = {
     protocol.STOP_SERVER: cmd_stop_server,
     protocol.SERVER_INFO: cmd_server_info,
     protocol.HEARTBEAT: cmd_heartbeat,
+    protocol.CLUSTER_HEAD: cmd_cluster_head,
+    protocol.CLUSTER_JOIN: cmd_cluster_join,
 }
 
 
@@ -175,6 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(protocol.SERVER_INFO)
     p = sub.add_parser(protocol.HEARTBEAT)
     p.add_argument("client")
+    p = sub.add_parser(protocol.CLUSTER_HEAD)
+    p.add_argument("--cluster-address", required=True, help="this instance's private IP address")
+    p.add_argument("--device", default=None)
+    p.add_argument("--gpus", default=None)
+    p.add_argument("--timeout", type=float, default=600)
+    p = sub.add_parser(protocol.CLUSTER_JOIN)
+    p.add_argument("--join", required=True, help="the head's Ray address (cluster-head's `address`)")
+    p.add_argument("--node-address", required=True, help="this instance's private IP address")
+    p.add_argument("--device", default=None)
+    p.add_argument("--gpus", default=None, help="GPUs to lend: 'all' or a number")
     args = parser.parse_args(argv)
     home = Path(os.path.expanduser(args.home))
     home.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ WAIT_SERVER = "wait-server"
 STOP_SERVER = "stop-server"
 SERVER_INFO = "server-info"
 HEARTBEAT = "heartbeat"
+CLUSTER_HEAD = "cluster-head"  # restart the server as a Ray cluster's head on the private address
+CLUSTER_JOIN = "cluster-join"  # stop the server, lend this instance's GPUs to a head (its Ray token on stdin)
 
 # remote.agent commands
 ARM = "arm"

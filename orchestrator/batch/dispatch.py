@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import httpx
@@ -121,6 +121,7 @@ class Dispatcher:
         self._live: dict[str, _Live] = {}
         self._expected = 0
         self._gone: dict[str, str] = {}  # instances that never joined, or were given up: why
+        self._joined: dict[str, str] = {}  # instances serving through another's URL (a cluster): whose
         self._fatal: str | None = None
         self._closed = False
         self.done = 0
@@ -137,9 +138,10 @@ class Dispatcher:
             self._expected += count
 
     def add(self, endpoint: Endpoint) -> None:
+        # No connection cap: the slots' threads bound the requests in flight, and grow() adds slots.
         client = httpx.Client(base_url=endpoint.url, headers={"Authorization": f"Bearer {endpoint.token}"},
                               timeout=httpx.Timeout(self.timeout, connect=30), transport=self._transport,
-                              limits=httpx.Limits(max_connections=endpoint.slots, max_keepalive_connections=endpoint.slots))
+                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=endpoint.slots))
         live = _Live(endpoint, client)
         with self._cond:
             self._expected -= 1
@@ -151,6 +153,26 @@ class Dispatcher:
             self._cond.notify_all()
         for slot in range(endpoint.slots):
             threading.Thread(target=self._slot, args=(live,), name=f"batch-{endpoint.name}-{slot}", daemon=True).start()
+
+    def grow(self, name: str, gpus: int) -> None:
+        """An instance's server now spreads requests over more GPUs (another instance joined its
+        cluster): more requests in flight to it."""
+        with self._cond:
+            live = self._live.get(name)
+            if live is None or live.dead or self._closed or gpus <= live.endpoint.gpus:
+                return
+            before = live.endpoint.slots
+            live.endpoint = replace(live.endpoint, gpus=gpus)
+            added = live.endpoint.slots - before
+        for slot in range(before, before + added):
+            threading.Thread(target=self._slot, args=(live,), name=f"batch-{name}-{slot}", daemon=True).start()
+
+    def joined(self, name: str, into: str) -> None:
+        """An instance that will serve through another's URL (it joined that one's cluster)."""
+        with self._cond:
+            self._expected -= 1
+            self._joined[name] = into
+            self._cond.notify_all()
 
     def gone(self, name: str, reason: str) -> None:
         """An instance that will not join (its start failed)."""
@@ -203,7 +225,7 @@ class Dispatcher:
                     "retries": self.retries,
                     "instances": {name: {"requests": lv.requests, "images": lv.images, "gpus": lv.endpoint.gpus,
                                          "given_up": lv.dead} for name, lv in self._live.items()},
-                    "serving": sum(1 for lv in self._live.values() if not lv.dead)}
+                    "serving": sum(1 for lv in self._live.values() if not lv.dead), "joined": dict(self._joined)}
 
     # -- one slot of one instance --------------------------------------------------------
 

@@ -28,6 +28,7 @@ from ..errors import ConfigError, LifecycleError
 from ..lifecycle import Orchestrator, UpOptions
 from ..lifecycle.context import Progress
 from . import jobs as jobs_file
+from .cluster import ClusterFormer
 from .dispatch import Dispatcher, Outcome
 from .fleet import Fleet, plan
 from .results import open_results
@@ -203,9 +204,13 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
             result.seconds = time.monotonic() - started
             return result
 
+        former: ClusterFormer | None = None
+
         def dead(name: str, why: str) -> None:
             progress(f"{name}: given up ({why}); its requests go to the other instances; stopping it")
             fleet.stop(name, why)
+            if former is not None:
+                former.given_up(name)
 
         dispatcher = Dispatcher(todo, results, timeout=opts.timeout, on_dead=dead,
                                 on_outcome=lambda o: view.outcome(o, dispatcher.stats()),
@@ -215,7 +220,9 @@ def run(settings: Settings, make_orch: Callable[[], Orchestrator], opts: BatchOp
         view.begin(len(todo), result.skipped, len(names))
         try:
             with _signals(_interrupt):
-                fleet.start(dispatcher.add, dispatcher.gone)
+                # Two or more instances: those sharing a private network serve as one cluster (cluster.py).
+                former = ClusterFormer(make_orch, fleet, dispatcher, progress) if len(names) > 1 else None
+                fleet.start(former.ready if former else dispatcher.add, dispatcher.gone)
                 last_cost = 0.0
                 while not dispatcher.wait(0.5):
                     if time.monotonic() - last_cost >= COST_EVERY_S:

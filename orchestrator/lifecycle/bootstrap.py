@@ -25,7 +25,7 @@ from ..providers.base import Provider, RemoteRuntime
 from ..providers.capabilities import SelfStopCredentials
 from ..ssh import RemoteCommandFailed, sh_path
 from ..state import InstanceRecord
-from .context import Ctx
+from .context import Ctx, Progress
 from . import boot_recipe
 from .remote import Remote
 
@@ -187,12 +187,22 @@ def ensure_multi_gpu(ctx: Ctx, remote: Remote, record: InstanceRecord, deps: pro
     serving = have if record.gpus is None else record.gpus
     if serving > 1 and not deps.get("ray", False):
         ctx.progress(f"{record.name}: {have} GPUs: installing Ray Serve to serve them all behind one URL")
-        requirement = next((r for r in multigpu_requirements()), "ray[serve]")
-        try:
-            remote.run(f"{shlex.quote(remote.runtime.python)} -m pip install --quiet {shlex.quote(requirement)}", timeout=1800)
-        except RemoteCommandFailed as e:
-            raise LifecycleError(f"installing Ray Serve on the instance failed: {e}; `orch up {record.name} --gpus 1` serves "
-                                 f"one GPU without it") from None
+        install_ray(remote, f"`orch up {record.name} --gpus 1` serves one GPU without it")
+
+
+def ensure_ray(remote: Remote, name: str, progress: Progress) -> None:
+    """Ray Serve on an instance that joins a cluster of the job's instances (orchestrator/batch/cluster.py)."""
+    if not remote.check_deps().get("ray", False):
+        progress(f"{name}: installing Ray Serve to serve in a cluster of the job's instances")
+        install_ray(remote, "the instance can serve its own URL without it")
+
+
+def install_ray(remote: Remote, otherwise: str) -> None:
+    requirement = next((r for r in multigpu_requirements()), "ray[serve]")
+    try:
+        remote.run(f"{shlex.quote(remote.runtime.python)} -m pip install --quiet {shlex.quote(requirement)}", timeout=1800)
+    except RemoteCommandFailed as e:
+        raise LifecycleError(f"installing Ray Serve on the instance failed: {e}; {otherwise}") from None
 
 
 def multigpu_requirements() -> list[str]:

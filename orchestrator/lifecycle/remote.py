@@ -103,9 +103,9 @@ class Remote:
     def put_bytes(self, data: bytes, path: str, mode: int = 0o600) -> None:
         self.session.put_bytes(data, path, mode=mode)
 
-    def _call(self, module: str, command: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    def _call(self, module: str, command: str, *args: str, timeout: float = 120, stdin: bytes | None = None) -> dict[str, Any]:
         try:
-            out = self.run(self.program_cmd(module, command, *args), timeout=timeout).stdout
+            out = self.run(self.program_cmd(module, command, *args), timeout=timeout, stdin=stdin).stdout
         except RemoteCommandFailed as e:
             lines = e.result.stdout.strip().splitlines()
             try:
@@ -141,6 +141,17 @@ class Remote:
 
     def stop_server(self) -> protocol.StopResult:
         return cast(protocol.StopResult, self._call(protocol.CTL_MODULE, protocol.STOP_SERVER, timeout=60))
+
+    def cluster_head(self, private_address: str, gpus: int | None, timeout: float = 600) -> dict[str, Any]:
+        """The server again as a Ray cluster's head: {address (where others join), ray_token, ...}.
+        The token is a secret: kept in memory, handed to cluster_join, never shown or logged."""
+        return self._call(protocol.CTL_MODULE, protocol.CLUSTER_HEAD, "--cluster-address", private_address, "--gpus",
+                          "all" if gpus is None else str(gpus), "--timeout", str(timeout), timeout=timeout + 60)
+
+    def cluster_join(self, head_address: str, private_address: str, ray_token: str, gpus: int | None) -> dict[str, Any]:
+        """This instance's GPUs to the head's cluster (its server stops); the token goes over stdin."""
+        return self._call(protocol.CTL_MODULE, protocol.CLUSTER_JOIN, "--join", head_address, "--node-address",
+                          private_address, "--gpus", "all" if gpus is None else str(gpus), stdin=ray_token.encode())
 
     def heartbeat_command(self, client: str) -> str:
         return self.program_cmd(protocol.CTL_MODULE, protocol.HEARTBEAT, client)

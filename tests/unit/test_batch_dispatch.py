@@ -232,6 +232,26 @@ def test_once_every_instance_is_up_an_instance_takes_all_its_slots(tmp_path):
     assert servers.most["only"] == IN_FLIGHT_PER_GPU
 
 
+def test_an_instance_that_another_joined_takes_both_instances_requests_at_once(tmp_path):
+    """A cluster (orchestrator/batch/cluster.py): the second instance serves through the first's URL,
+    which then gets both instances' requests in flight, and the job does not wait for the second."""
+    servers = Servers({"head": serving(0.3)})
+    jobs = make_jobs(8 * IN_FLIGHT_PER_GPU)
+    d = Dispatcher(jobs, DirResults(tmp_path), transport=servers.transport)
+    d.expect(2)
+    d.add(endpoint("head"))
+    time.sleep(0.5)
+    assert servers.most["head"] <= IN_FLIGHT_PER_GPU
+    d.joined("worker", "head")
+    d.grow("head", 2)
+    run(d)
+    assert d.done == len(jobs) and d.error is None and d.failures == []
+    assert servers.most["head"] == 2 * IN_FLIGHT_PER_GPU, servers.most
+    stats = d.stats()
+    assert stats["instances"]["head"]["gpus"] == 2 and stats["joined"] == {"worker": "head"}
+    assert set(servers.got) == {"head"}
+
+
 def test_close_stops_handing_out_work(tmp_path):
     servers = Servers({"a": serving(0.2)})
     total = 10 * IN_FLIGHT_PER_GPU

@@ -52,7 +52,8 @@ def ray_start_argv(join: str, node_address: str, device: str | None, slots: int 
     if device == "cpu":
         argv += ["--num-gpus=0", f"--resources={json.dumps({SLOT: slots or 1})}"]
     else:
-        argv.append(f"--num-gpus={slots or visible_gpus()}")
+        # As the head counts its own (__main__.replica_count): a machine without a visible GPU still serves one replica.
+        argv.append(f"--num-gpus={slots or max(1, visible_gpus())}")
     return argv
 
 
