@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser(protocol.START_SERVER)
     p.add_argument("--device", default=None)
     p.add_argument("--gpus", default=None, help="'all' or a number (python -m remote.server --gpus)")
+    p.add_argument("--port", type=int, default=None, help="on this port (one a tunnel forwards to); default: a free one")
     p = sub.add_parser(protocol.WAIT_SERVER)
     p.add_argument("--timeout", type=float, default=600)
     sub.add_parser(protocol.STOP_SERVER)

@@ -147,21 +147,19 @@ class ClusterFormer:
             time.sleep(1.0)
         raise TimeoutError(f"{head.name}'s server did not show the joined GPUs within {JOIN_WAIT_S:.0f}s")
 
-    def _serve_alone(self, orch: Orchestrator, member: Member, endpoint: Endpoint, counted: bool = False) -> None:
-        """Its own server again (a cluster that did not form, or whose head was given up)."""
+    def _serve_alone(self, orch: Orchestrator, member: Member, endpoint: Endpoint) -> None:
+        """Its own server again (a cluster that did not form, or whose head was given up): the
+        dispatcher counts it as starting until add() or gone()."""
         try:
-            remote = orch.remote(orch.state.get(member.name))  # type: ignore[arg-type]
-            remote.start_server(None)
+            record = orch.state.get(member.name)
+            remote = orch.remote(record)  # type: ignore[arg-type]
+            remote.start_server(None, port=record.server_port if record else None)  # where its tunnel forwards
             remote.wait_server(600)
             gpus = gpus_from_health(read_health(endpoint.url, timeout=60))
         except FAILURES as e:
-            if counted:
-                self._dispatcher.expect(1)
             self._dispatcher.gone(member.name, f"its server did not start again: {_first_line(e)}")
             self._fleet.stop(member.name, "its server did not start again")
             return
-        if counted:
-            self._dispatcher.expect(1)
         self._dispatcher.add(Endpoint(endpoint.name, endpoint.url, endpoint.token, gpus))
 
     # -- the runner's callback: an instance was given up --------------------------------------
@@ -174,14 +172,13 @@ class ClusterFormer:
             for h in heads:
                 h.workers = []
         for member in workers:
-            if self._dispatcher.finished():
-                return
             self._progress(f"{member.name}: its cluster's head {name} is gone; it serves its own URL again")
             url, token = member.url, self._token(member.name)
             if not url or not token:
+                self._dispatcher.gone(member.name, "its URL or token is not known")
                 continue
             threading.Thread(target=self._serve_alone, args=(self._make(), member, Endpoint(member.name, url, token)),
-                             kwargs={"counted": True}, name=f"alone-{member.name}", daemon=True).start()
+                             name=f"alone-{member.name}", daemon=True).start()
 
     def _token(self, name: str) -> str | None:
         try:

@@ -187,6 +187,12 @@ class Dispatcher:
                 return
             live.dead = reason
             self._gone[live.endpoint.name] = reason
+            # The instances that had joined its cluster serve their own URLs again (cluster.py): until
+            # they are back (add) or not (gone), the job waits for them as for instances starting.
+            returning = [name for name, into in self._joined.items() if into == live.endpoint.name]
+            for name in returning:
+                del self._joined[name]
+            self._expected += len(returning)
             self._cond.notify_all()
         self._on_dead(live.endpoint.name, reason)
 

@@ -128,9 +128,11 @@ class Remote:
     def check_deps(self) -> protocol.DepsCheck:
         return cast(protocol.DepsCheck, self._call(protocol.CTL_MODULE, protocol.CHECK_DEPS))
 
-    def start_server(self, gpus: int | None = None) -> protocol.StartResult:
+    def start_server(self, gpus: int | None = None, port: int | None = None) -> protocol.StartResult:
+        """port: the one a tunnel already forwards to (else the server picks a free one)."""
+        extra = ("--port", str(port)) if port else ()
         return cast(protocol.StartResult, self._call(protocol.CTL_MODULE, protocol.START_SERVER, "--gpus",
-                                                     "all" if gpus is None else str(gpus)))
+                                                     "all" if gpus is None else str(gpus), *extra))
 
     def wait_server(self, timeout: float) -> protocol.ServerInfo:
         return cast(protocol.ServerInfo, self._call(protocol.CTL_MODULE, protocol.WAIT_SERVER, "--timeout", str(timeout),

@@ -18,6 +18,7 @@ from tests.simulators.aws import AwsSimulator
 
 pytestmark = pytest.mark.slow
 N = 64
+N_HEAD_GOES = 96  # this one needs work left after the join for the head's loss to matter, whatever the machine's speed
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,51 @@ def test_two_instances_of_one_vpc_serve_as_one_cluster_and_both_stop(sim, aws_ho
         groups = {g["GroupName"] for g in described["Reservations"][0]["Instances"][0]["SecurityGroups"]}
         assert "orch-cluster" in groups and any(g.startswith("orch-ssh-") for g in groups), (name, groups)
     assert "ray_token" not in run.stderr and (head_home / "ray" / "auth_token").read_text().strip() not in run.stderr
+
+
+def test_when_the_head_goes_away_the_instance_that_joined_it_finishes_the_job_alone(sim, aws_home, orch, tmp_path):
+    """The head's instance stopped under the job (from the console, say): the laptop gives it up, the
+    instance that had joined it serves its own URL again and does the rest; nothing is left billing."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"prompt": f"a lighthouse at night, {i}", "steps": 150, "width": 64, "height": 64,
+                                        "seed": 700 + i}) + "\n" for i in range(N_HEAD_GOES)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "batch", str(jobs), "-k", "2", "--name", "hd",
+                             "--provider", "aws", "--gpu", "L4", "--region", "us-east-1", "-o", str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "ORCH_HOME": str(aws_home)})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 400
+        while not any("joined" in line and "cluster" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        joined = next(line for line in lines if "joined" in line and "cluster" in line)
+        worker = joined.split("•", 1)[1].strip().split(":", 1)[0]
+        head = ({"hd-1", "hd-2"} - {worker}).pop()
+        status = {i["name"]: i for i in orch("status", "--json").json["instances"]}
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sim.env()["AWS_ENDPOINT_URL"],
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        ec2.stop_instances(InstanceIds=[status[head]["instance_id"].split("@")[0]])  # from the console, say
+        stdout, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    (tmp_path / "batch-stderr.log").write_text(text)  # the whole story, when an assertion below shows only its end
+    assert proc.returncode == 0, text[-4000:]
+    result = json.loads(stdout)
+    assert result["done"] == N_HEAD_GOES and not result["failures"], result
+    assert f"{worker}: its cluster's head {head} is gone; it serves its own URL again" in text, text[-3000:]
+    served_by = {json.loads(p.read_text())["instance"] for p in out.glob("*.json")}
+    assert served_by == {head, worker}, served_by
+    assert all(i["status"] == "STOPPED" for i in result["instances"]), result["instances"]
