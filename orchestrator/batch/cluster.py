@@ -25,6 +25,7 @@ import httpx
 
 from ..errors import OrchError
 from ..lifecycle import Orchestrator
+from ..lifecycle.bootstrap import ensure_ray
 from ..lifecycle.context import Progress
 from ..providers.capabilities import PrivateNetwork
 from .dispatch import Dispatcher, Endpoint, gpus_from_health, read_health
@@ -85,8 +86,6 @@ class ClusterFormer:
             self._progress(f"{member.name}: the job's instances on its network will serve through it (a Ray cluster); "
                            f"restarting its server as the cluster's head on {address}")
             remote = orch.remote(orch.state.get(member.name))  # type: ignore[arg-type]
-            from ..lifecycle.bootstrap import ensure_ray
-
             ensure_ray(remote, member.name, self._progress)
             answer = remote.cluster_head(address, None)
             head.address, head.ray_token = str(answer["address"]), str(answer["ray_token"])
@@ -112,8 +111,6 @@ class ClusterFormer:
             provider.open_private_network([head.instance_id, member.instance_id or ""])
             address = provider.private_address(member.instance_id or "")
             remote = orch.remote(orch.state.get(member.name))  # type: ignore[arg-type]
-            from ..lifecycle.bootstrap import ensure_ray
-
             ensure_ray(remote, member.name, self._progress)
             remote.cluster_join(head.address, address, head.ray_token, None)
             gpus = self._wait_for_gpus(head, more_than=head.gpus)

@@ -110,6 +110,11 @@ class GpuReplica:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.home = Path(os.environ.get("ORCH_NODE_HOME") or home) if cluster_token else Path(home)
+        if self.home != Path(home):  # another instance: its compile caches on its own disk, as the head's are on the head's
+            cache = self.home / "compile-cache"
+            os.environ.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+            if os.environ.get("ORCH_PRECOMPILED_DIR"):
+                os.environ["ORCH_PRECOMPILED_DIR"] = str(cache / "precompiled")
         self.id = serve.get_replica_context().replica_id.unique_id
         token = cluster_token or (self.home / "token").read_text().strip()
         settings = ServerSettings.from_env(token=token, models_dir=self.home / "models", state_dir=self.home, device=device,
