@@ -13,11 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.helpers.healthz import wait_healthz
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +67,7 @@ class Cluster:
         return httpx.get(f"{self.base}/healthz", timeout=10).json()
 
     def wait(self, predicate, what: str, timeout: float = 240.0) -> dict:
-        deadline, last = time.monotonic() + timeout, {}
-        while time.monotonic() < deadline:
-            assert self.head.poll() is None, "the head server exited:\n" + self.log_tail()
-            try:
-                last = self.healthz()
-                if predicate(last):
-                    return last
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"{what}: not within {timeout}s: {last}\n{self.log_tail()}")
+        return wait_healthz(self.base, predicate, what, self.head, self.log_tail, timeout, interval=0.5)
 
     def join(self) -> None:
         """What the laptop does over SSH: the head's Ray token to the worker (600), then the worker joins."""

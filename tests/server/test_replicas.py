@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from remote._files import pid_alive
+from tests.helpers.healthz import wait_healthz
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +43,7 @@ class RayServer:
         return httpx.get(f"{self.base}/healthz", timeout=10).json()
 
     def wait(self, predicate, timeout: float = 240.0, what: str = "the server") -> dict:
-        deadline = time.monotonic() + timeout
-        last: dict = {}
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited:\n" + self.log.read_text()[-3000:]
-            try:
-                last = self.healthz()
-                if predicate(last):
-                    return last
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"{what} not there in {timeout}s: {last}\n" + self.log.read_text()[-3000:])
+        return wait_healthz(self.base, predicate, what, self.proc, lambda: self.log.read_text()[-3000:], timeout)
 
     def ready_with(self, n: int) -> dict:
         return self.wait(lambda h: h["status"] == "ready" and len(h["replicas"]) == n, what=f"{n} ready replicas")
