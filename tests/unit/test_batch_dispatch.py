@@ -252,6 +252,28 @@ def test_an_instance_that_another_joined_takes_both_instances_requests_at_once(t
     assert set(servers.got) == {"head"}
 
 
+def test_when_a_head_is_given_up_the_instances_that_joined_it_are_waited_for_again(tmp_path):
+    """A cluster's head that dies: the job does not end while the instances that had joined it
+    start their own servers again (cluster.py), and they finish it. (It had ended at once.)"""
+    servers = Servers({"head": dead, "worker": serving(0.02)})
+    jobs = make_jobs(3 * IN_FLIGHT_PER_GPU)
+    d = Dispatcher(jobs, DirResults(tmp_path), transport=servers.transport)
+    d.expect(2)
+    d.joined("worker", "head")
+    d.add(endpoint("head"))
+    deadline = time.monotonic() + 20
+    while "head" not in {n for n, s in d.stats()["instances"].items() if s["given_up"]}:
+        assert time.monotonic() < deadline, d.stats()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert d.error is None and not d.finished(), "the job waits for the instance that had joined the head"
+    assert d.stats()["joined"] == {}
+    d.add(endpoint("worker"))  # its own server again
+    run(d)
+    assert d.done == len(jobs) and d.error is None
+    assert d.stats()["instances"]["worker"]["requests"] == len(jobs)
+
+
 def test_close_stops_handing_out_work(tmp_path):
     servers = Servers({"a": serving(0.2)})
     total = 10 * IN_FLIGHT_PER_GPU
