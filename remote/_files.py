@@ -157,6 +157,18 @@ def write_atomic(path: Path, data: bytes, reserve: Reserve | None = None) -> boo
     return False
 
 
+def write_private(path: Path, text: str) -> None:
+    """Replace path with text readable by this user only, in a folder only they can enter (a
+    secret: a token); atomic, and raises OSError (a secret not written must not pass unnoticed)."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, data: dict, reserve: Reserve | None = None) -> bool:
     try:
         text = json.dumps(data)

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import protocol
 from ._files import pid_alive as _pid_alive
 from ._files import read_json as _read_json
+from ._files import write_private
 
 SERVER_DEPS = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "PIL", "safetensors", "blake3", "boto3")
 
@@ -111,6 +112,14 @@ def _fail(home: Path, message: str) -> dict:
 def cmd_stop_server(home: Path, args) -> dict:
     info = _read_json(home / "server.json") or {}
     pids = {p for p in (info.get("pid"), _int((home / "server.pid").read_text()) if (home / "server.pid").exists() else None) if p}
+    stopped = end_process_groups(pids)
+    (home / "server.json").unlink(missing_ok=True)
+    return {"stopped": stopped}
+
+
+def end_process_groups(pids) -> list[int]:
+    """SIGTERM to each live pid's process group (the pid alone if it leads none), SIGKILL to what
+    is left after 15 s; the pids that were alive."""
     stopped = []
     for pid in pids:
         if _pid_alive(pid):
@@ -131,8 +140,7 @@ def cmd_stop_server(home: Path, args) -> dict:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-    (home / "server.json").unlink(missing_ok=True)
-    return {"stopped": stopped}
+    return stopped
 
 
 def cmd_cluster_head(home: Path, args) -> dict:
@@ -158,13 +166,7 @@ def cmd_cluster_join(home: Path, args) -> dict:
     token = sys.stdin.read().strip()
     if not token:
         return _fail(home, "cluster-join: the head's Ray token was not given on stdin")
-    ray = home / "ray"
-    ray.mkdir(mode=0o700, exist_ok=True)
-    tmp = ray / ".cluster_token.tmp"
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(token)
-    tmp.replace(ray / "cluster_token")
+    write_private(home / "ray" / "cluster_token", token)
     stop_worker(home)
     cmd_stop_server(home, args)
     argv = [sys.executable, "-m", "remote.server.replicas.worker", "--home", str(home), "--join", args.join,
@@ -187,20 +189,9 @@ def cmd_cluster_join(home: Path, args) -> dict:
 def stop_worker(home: Path) -> list[int]:
     """A Ray worker node this instance ran for a cluster (cluster-join): ended with its process group."""
     pid = _int((home / "worker.pid").read_text()) if (home / "worker.pid").exists() else None
-    if not pid or not _pid_alive(pid):
-        return []
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.1)
-        if not _pid_alive(pid):
-            break
+    stopped = end_process_groups({pid} if pid else set())
     (home / "worker.pid").unlink(missing_ok=True)
-    return [pid]
+    return stopped
 
 
 def _int(text: str) -> int | None:

@@ -166,15 +166,10 @@ def new_auth_token(home: Path) -> Path:
     """A fresh random token for this start's Ray, readable by this user only; its path."""
     import secrets
 
-    folder = home / "ray"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(folder, 0o700)
-    path, tmp = folder / "auth_token", folder / ".auth_token.tmp"
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    tmp.replace(path)
+    from ..._files import write_private
+
+    path = home / "ray" / "auth_token"
+    write_private(path, secrets.token_hex(32))
     return path
 
 
